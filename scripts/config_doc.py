@@ -30,7 +30,11 @@ def _rows(schema: dict, props: dict, prefix: str, defs: dict):
         if "$ref" in sub:
             sub = defs[sub["$ref"].split("/")[-1]]
         key = f"{prefix}{name}"
-        default = f"`{json.dumps(sub['default'])}`" if "default" in sub and sub.get("type") != "object" else ""
+        default = (
+            f"`{json.dumps(sub['default'])}`"
+            if "default" in sub and sub.get("type") != "object"
+            else ""
+        )
         desc = " ".join(str(sub.get("description", "")).split())
         yield f"| `{key}` | {_type(sub)} | {default} | {desc} |"
         if "properties" in sub:
@@ -57,7 +61,9 @@ def main() -> int:
     new = f"{head}{BEGIN}\n{render()}\n{END}{tail}"
     if "--check" in sys.argv:
         if new != text:
-            print(f"{README}: stale key reference; run python scripts/config_doc.py", file=sys.stderr)
+            print(
+                f"{README}: stale key reference; run python scripts/config_doc.py", file=sys.stderr
+            )
             return 1
         return 0
     README.write_text(new)
