@@ -21,3 +21,16 @@ def test_config_readme_documents_every_schema_key():
         text=True,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_asset_rule_runs_then_nothing_to_be_done(tmp_path):
+    cfg = REPO / "config" / "config.yaml"
+    target = "resources/datasets/chitchat.jsonl"
+    first = run_snakemake(tmp_path, target, configfile=cfg)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert (tmp_path / target).stat().st_size > 1_000_000
+    assert (tmp_path / "logs/assets/export_chats/chitchat.log").is_file()
+    assert (tmp_path / "benchmarks/assets/export_chats/chitchat.tsv").is_file()
+    second = run_snakemake(tmp_path, target, configfile=cfg)
+    assert second.returncode == 0
+    assert "Nothing to be done" in second.stdout + second.stderr
