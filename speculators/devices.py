@@ -1,0 +1,44 @@
+"""GPU jobs check that they see the GPUs they asked for before doing any work.
+
+A SLURM job can be granted N GPUs yet show fewer to the process (snakemake-executor-plugin-slurm
+issue #459: `--ntasks-per-gpu` splits the allocation); failing at once beats a slow wrong run.
+"""
+
+from __future__ import annotations
+
+import os
+
+from speculators.errors import SpeculatorsError
+
+# Environment variables that explain where a GPU count came from, shown in the error.
+_GPU_ENV = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE", "SLURM_STEP_GPUS")
+
+
+def visible_gpus() -> int:
+    """GPUs this process can use (CUDA_VISIBLE_DEVICES applies); 0 without CUDA."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def require_gpus(expected: int, where: str = "gpus") -> int:
+    """Raise unless exactly `expected` GPUs are visible; `expected` 0 (a CPU job) always passes.
+
+    `where` names the config key or option that asked for the GPUs, so the one-line error
+    points at what to change. Returns the number of visible GPUs.
+    """
+    if expected < 0:
+        raise SpeculatorsError(where, f"GPU count must be >= 0, got {expected}")
+    seen = visible_gpus()
+    if expected == 0 or seen == expected:
+        return seen
+    env = ", ".join(f"{k}={os.environ[k]}" for k in _GPU_ENV if k in os.environ) or "no GPU env"
+    hint = (
+        "under SLURM the allocation did not reach this process: give the rule tasks_per_gpu: 0 "
+        "(snakemake-executor-plugin-slurm #459) or check the --gpus/--gres request"
+        if "SLURM_JOB_ID" in os.environ
+        else "set CUDA_VISIBLE_DEVICES or the config's gpus to match this machine"
+    )
+    raise SpeculatorsError(
+        where, f"the job asked for {expected} GPU(s) but sees {seen} ({env}); {hint}"
+    )
