@@ -65,7 +65,7 @@ def run_snakemake(workdir: Path, *args: str, configfile: Path | None = None, che
         "2",
     ]
     if configfile is not None:
-        cmd += ["--configfile", str(configfile)]
+        cmd += [f"--configfile={configfile}"]  # "=" form: the option takes several values
     proc = subprocess.run(cmd + list(args), capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed:\n{proc.stdout}\n{proc.stderr}")
