@@ -1,0 +1,353 @@
+"""`speculators hidden-states`: capture the target's hidden states for every prepared row.
+
+The CLI checks the inputs, resumes from valid existing samples and runs a backend on the rest:
+the transformers backend below (hooks on the decoder, length-sorted batches) or
+`speculators.vllm.hidden_states.capture(target, dataset, indices, store, *,
+tensor_parallel_size, data_parallel_size) -> device description`, which must write each index
+of `indices` with `store.write(...)` (see `store.py`). `data_config.json` is written last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from speculators.errors import SpeculatorsError
+from speculators.hidden_states.store import SampleStore, dtype_from_name, resolve_layer_ids
+
+log = logging.getLogger(__name__)
+
+PREPARED_COLUMNS = ("input_ids", "loss_mask")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", required=True, help="target model folder or Hugging Face id")
+    p.add_argument("--prepared", required=True, type=Path, help="prepared dataset folder (Arrow)")
+    p.add_argument(
+        "--output", required=True, type=Path, help="folder for data_*.pt and data_config.json"
+    )
+    p.add_argument(
+        "--layer-ids",
+        type=int,
+        nargs="+",
+        default=None,
+        help="aux layer ids then L (vLLM convention); default 2 L//2 L-3 L",
+    )
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward batch")
+    p.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM backend only")
+    p.add_argument("--data-parallel-size", type=int, default=1, help="vLLM backend only")
+
+
+# -- inputs ------------------------------------------------------------------------------------
+
+
+def target_dims(target: str) -> dict:
+    """hidden_size, vocab_size and num_hidden_layers of a target (the text model of VL configs)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(target)
+    except (OSError, ValueError) as e:
+        raise SpeculatorsError(
+            target, f"cannot read the model config ({str(e).splitlines()[0]})"
+        ) from None
+    text = config.get_text_config()
+    dims = {}
+    for key in ("hidden_size", "vocab_size", "num_hidden_layers"):
+        value = getattr(text, key, None)
+        if not isinstance(value, int) or value < 1:
+            raise SpeculatorsError(target, f"model config lacks {key}")
+        dims[key] = value
+    return dims
+
+
+def load_prepared(path: Path, vocab_size: int):
+    """(dataset, row lengths, supervised tokens), checked: columns, mask lengths, ids < vocab."""
+    import datasets
+    import pyarrow.compute as pc
+
+    if not (path / "dataset_info.json").is_file() and not (path / "state.json").is_file():
+        raise SpeculatorsError(path, "not a prepared dataset folder (run `speculators prepare`)")
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as e:
+        raise SpeculatorsError(path, f"cannot load the prepared dataset ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        raise SpeculatorsError(path, "expected one dataset, found a DatasetDict")
+    missing = [c for c in PREPARED_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise SpeculatorsError(path, f"missing columns {missing}")
+    if len(ds) == 0:
+        raise SpeculatorsError(path, "the prepared dataset is empty")
+    ids = ds.data.column("input_ids")
+    lengths = pc.list_value_length(ids).to_pylist()
+    if lengths != pc.list_value_length(ds.data.column("loss_mask")).to_pylist():
+        raise SpeculatorsError(path, "loss_mask and input_ids lengths differ")
+    if min(lengths) < 1:
+        raise SpeculatorsError(path, f"row {lengths.index(min(lengths))} has no tokens")
+    flat = pc.list_flatten(ids)
+    top, low = pc.max(flat).as_py(), pc.min(flat).as_py()
+    if top >= vocab_size or low < 0:
+        raise SpeculatorsError(
+            path,
+            f"token id {top if top >= vocab_size else low} outside the target's vocabulary"
+            f" (size {vocab_size}): prepared with another tokenizer?",
+        )
+    num_loss_tokens = pc.sum(pc.list_flatten(ds.data.column("loss_mask"))).as_py() or 0
+    return ds, lengths, num_loss_tokens
+
+
+def iter_rows(ds, indices: Sequence[int], chunk: int = 256):
+    """(idx, input_ids, loss_mask) for `indices`, read in chunks from the Arrow table."""
+    for start in range(0, len(indices), chunk):
+        part = list(indices[start : start + chunk])
+        rows = ds.select_columns(list(PREPARED_COLUMNS))[part]
+        yield from zip(part, rows["input_ids"], rows["loss_mask"])
+
+
+# -- transformers backend ----------------------------------------------------------------------
+
+
+def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Longest first, ties by index; each batch holds at most `batch_tokens` padded tokens.
+
+    The plan covers every row, whatever is left to do, so a resumed run recomputes a sample
+    in exactly the batch it had the first time (same padding, same numerics, same bytes).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, current = [], []
+    for idx in order:
+        # Sorted descending, so the first row of a batch sets its padded length.
+        if current and (len(current) + 1) * lengths[current[0]] > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(idx)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _find_child(module, names: Sequence[str], what: str):
+    for name in names:
+        child = getattr(module, name, None)
+        if child is not None:
+            return child
+    raise SpeculatorsError(
+        type(module).__name__, f"cannot find the {what} (looked for {list(names)})"
+    )
+
+
+class LayerCapture:
+    """Forward pre-hooks that keep only the requested residual-stream states of one forward.
+
+    Id i < L is the input of decoder layer i; id L is the input of the final norm, i.e. the
+    last layer's output before normalisation (vLLM's EAGLE-3 convention).
+    """
+
+    def __init__(self, model, layer_ids: Sequence[int]):
+        self.decoder = model.get_decoder()
+        layers = _find_child(self.decoder, ("layers", "h", "blocks"), "decoder layers")
+        norm = _find_child(self.decoder, ("norm", "final_layernorm", "ln_f"), "final norm")
+        self.states: dict[int, torch.Tensor] = {}
+        self.handles = []
+        for pos, layer_id in enumerate(layer_ids):
+            module = norm if layer_id == len(layers) else layers[layer_id]
+            self.handles.append(module.register_forward_pre_hook(self._hook(pos), with_kwargs=True))
+        self.num_layers = len(layer_ids)
+
+    def _hook(self, pos: int):
+        def hook(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            # A copy, in case a later layer updates the residual stream in place.
+            self.states[pos] = h.detach().clone()
+
+        return hook
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        self.states.clear()
+        # The decoder alone: the LM head (vocab-sized logits) is never computed.
+        self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        states = [self.states[pos] for pos in range(self.num_layers)]
+        self.states.clear()
+        return states
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SpeculatorsError("--device", "cuda requested but no GPU is visible")
+    return device
+
+
+def describe_device(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def load_model(target: str, device: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype}
+    if device == "cuda" and torch.cuda.device_count() > 1:
+        kwargs["device_map"] = "auto"  # a target too big for one GPU is split across them
+    model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
+    if "device_map" not in kwargs:
+        model.to(device)
+    return model.eval()
+
+
+def _write_batch(store: SampleStore, items, states: list[torch.Tensor]) -> None:
+    """Write rows `items` = [(position in batch, idx, input_ids, loss_mask)] of a batch."""
+    for j, idx, ids, mask in items:
+        n = len(ids)  # padding is never stored
+        ids_t, mask_t = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+        store.write(idx, ids_t, [s[j, :n] for s in states], mask_t)
+
+
+def capture_transformers(
+    target: str,
+    ds,
+    lengths: Sequence[int],
+    todo: Sequence[int],
+    store: SampleStore,
+    *,
+    device: str,
+    batch_tokens: int,
+) -> None:
+    """Capture and write the samples in `todo` with a transformers model."""
+    from tqdm import tqdm
+
+    model = load_model(target, device, store.dtype)
+    capture = LayerCapture(model, store.layer_ids)
+    first_device = next(model.parameters()).device
+    todo_set = set(todo)
+    batches = [b for b in plan_batches(lengths, batch_tokens) if todo_set.intersection(b)]
+    total = sum(lengths[i] for i in todo)
+    columns = ds.select_columns(list(PREPARED_COLUMNS))
+    started = time.perf_counter()
+    # One writer thread: the next batch is computed while the previous one is saved.
+    with (
+        concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer,
+        tqdm(total=total, unit="tok", unit_scale=True, desc="hidden states", mininterval=2) as bar,
+    ):
+        pending = None
+        for batch in batches:
+            rows = columns[batch]
+            width = lengths[batch[0]]
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            attn = torch.zeros(len(batch), width, dtype=torch.long)
+            for j, row in enumerate(rows["input_ids"]):
+                ids[j, : len(row)] = torch.tensor(row)
+                attn[j, : len(row)] = 1
+            try:
+                with torch.inference_mode():
+                    states = capture(ids.to(first_device), attn.to(first_device))
+            except torch.OutOfMemoryError:
+                raise SpeculatorsError(
+                    "hidden_states.batch_tokens",
+                    f"{batch_tokens} tokens per batch ran out of memory",
+                ) from None
+            states = [s.to("cpu") for s in states]
+            if pending is not None:
+                pending.result()  # re-raises a write error
+            items = [
+                (j, idx, rows["input_ids"][j], rows["loss_mask"][j])
+                for j, idx in enumerate(batch)
+                if idx in todo_set
+            ]
+            pending = writer.submit(_write_batch, store, items, states)
+            bar.update(sum(len(item[2]) for item in items))
+        if pending is not None:
+            pending.result()
+    capture.remove()
+    seconds = time.perf_counter() - started
+    log.info(
+        "captured %d samples, %d tokens in %.1f s (%.0f tokens/s)",
+        len(todo),
+        total,
+        seconds,
+        total / max(seconds, 1e-9),
+    )
+
+
+def _capture_vllm(args, ds, todo, store) -> str:
+    try:
+        from speculators.vllm import hidden_states as vllm_hidden_states
+    except ImportError as e:
+        raise SpeculatorsError(
+            "--backend vllm",
+            f"the vLLM backend is not available here ({e}); use the vLLM environment",
+        ) from None
+    return vllm_hidden_states.capture(
+        args.target,
+        ds,
+        todo,
+        store,
+        tensor_parallel_size=args.tensor_parallel_size,
+        data_parallel_size=args.data_parallel_size,
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.batch_tokens < 1:
+        raise SpeculatorsError("--batch-tokens", "must be at least 1")
+    dims = target_dims(args.target)
+    layer_ids = resolve_layer_ids(args.layer_ids, dims["num_hidden_layers"])
+    dtype = dtype_from_name(args.dtype)
+    ds, lengths, num_loss_tokens = load_prepared(args.prepared, dims["vocab_size"])
+    store = SampleStore(
+        args.output, hidden_size=dims["hidden_size"], layer_ids=layer_ids, dtype=dtype
+    )
+    store.begin(
+        {
+            "target": str(args.target),
+            **dims,
+            "layer_ids": layer_ids,
+            "dtype": args.dtype,
+            "backend": args.backend,
+        }
+    )
+    valid, todo = store.scan(iter_rows(ds, range(len(ds))))
+    log.info(
+        "%s: %d of %d samples already valid, %d to capture",
+        args.output,
+        len(valid),
+        len(ds),
+        len(todo),
+    )
+    if args.backend == "vllm":
+        device = _capture_vllm(args, ds, todo, store) if todo else "vllm (nothing to capture)"
+    else:
+        device = resolve_device(args.device)
+        if todo:
+            capture_transformers(
+                args.target, ds, lengths, todo, store, device=device, batch_tokens=args.batch_tokens
+            )
+        device = describe_device(device)
+    path = store.finish(
+        len(ds),
+        target=str(args.target),
+        vocab_size=dims["vocab_size"],
+        num_hidden_layers=dims["num_hidden_layers"],
+        prepared=str(args.prepared),
+        sample_lengths=lengths,
+        num_loss_tokens=num_loss_tokens,
+        backend=args.backend,
+        device=device,
+    )
+    log.info("wrote %s", path)
