@@ -1,0 +1,319 @@
+"""`speculators evaluate`: acceptance length and speed-up of a draft, measured with transformers.
+
+Decodes held-out prompts once without drafting (the baseline, plain greedy with a KV cache) and
+once per draft length K with speculative decoding, then writes the JSON shared with vLLM's evaluator.
+Prompts run one at a time: acceptance differs per prompt, so batched rows would need ragged
+per-row cache crops; batched serving is what the vLLM evaluator measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from speculators.errors import SpeculatorsError
+from speculators.evaluate.prompts import PromptSpec, load_prompts, render_prompt
+from speculators.evaluate.spec_decode import DecodeStats, Target, greedy_decode, speculative_decode
+from speculators.fileio import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", required=True, help="target (verifier) model folder or HF id")
+    p.add_argument("--draft", required=True, type=Path, help="trained draft folder")
+    p.add_argument("--prompts", required=True, nargs="+", type=Path, help="prompt JSONL files")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument(
+        "--k", type=int, nargs="+", default=None, help="draft lengths (default: ttt_steps)"
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy acceptance")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--output", required=True, type=Path, help="results/<run>/eval/inprocess.json")
+
+
+# ---------------------------------------------------------------- draft config checks
+
+
+def _dig(cfg: dict, *paths: str):
+    """First non-null value among dotted key paths of a nested dict."""
+    for path in paths:
+        node = cfg
+        for key in path.split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is not None:
+            return node
+    return None
+
+
+@dataclass
+class DraftInfo:
+    hidden_size: int | None
+    vocab_size: int | None
+    aux_layer_ids: list[int]
+    ttt_steps: int | None
+    verifier: str | None
+
+
+def read_draft_info(draft_dir: Path) -> DraftInfo:
+    cfg = read_json(Path(draft_dir) / "config.json")
+    aux = _dig(
+        cfg,
+        "eagle_aux_hidden_state_layer_ids",
+        "aux_layer_ids",
+        "eagle_config.eagle_aux_hidden_state_layer_ids",
+    )
+    methods = _dig(cfg, "speculators_config.proposal_methods") or [{}]
+    return DraftInfo(
+        hidden_size=_dig(
+            cfg, "target_hidden_size", "transformer_layer_config.hidden_size", "hidden_size"
+        ),
+        vocab_size=_dig(cfg, "transformer_layer_config.vocab_size", "vocab_size"),
+        aux_layer_ids=list(aux or []),
+        ttt_steps=methods[0].get("speculative_tokens") or cfg.get("ttt_steps"),
+        verifier=_dig(cfg, "speculators_config.verifier.name_or_path", "verifier"),
+    )
+
+
+def check_draft_matches(draft_dir: Path, info: DraftInfo, target_config) -> None:
+    """A draft trained for another target fails here, before any decoding."""
+    where = Path(draft_dir) / "config.json"
+    if info.hidden_size is not None and info.hidden_size != target_config.hidden_size:
+        raise SpeculatorsError(
+            where,
+            f"draft expects target hidden size {info.hidden_size}, the target has "
+            f"{target_config.hidden_size} (draft trained for another target: {info.verifier})",
+        )
+    if info.vocab_size is not None and info.vocab_size != target_config.vocab_size:
+        raise SpeculatorsError(
+            where,
+            f"draft expects target vocab size {info.vocab_size}, the target has "
+            f"{target_config.vocab_size} (draft trained for another target: {info.verifier})",
+        )
+    if not info.aux_layer_ids:
+        raise SpeculatorsError(where, "no aux layer ids (eagle_aux_hidden_state_layer_ids)")
+    n = target_config.num_hidden_layers
+    bad = [i for i in info.aux_layer_ids if not 0 <= i < n]
+    if bad:
+        raise SpeculatorsError(where, f"aux layer ids {bad} do not fit a {n}-layer target")
+
+
+class DraftProposer:
+    """Adapts a loaded draft model to the Proposer protocol (dtype of the aux states)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.dtype = next(model.parameters()).dtype
+
+    def propose(self, tokens, aux, k):
+        return self.model.propose(tokens, aux.to(self.dtype), k)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@dataclass
+class Job:
+    """One prompt turn to decode, with the baseline's output and time."""
+
+    id: str
+    prompt: list[int]
+    baseline: list[int]
+    seconds: float
+
+
+def eos_ids(tokenizer, model) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    ids.update(extra if isinstance(extra, list) else [extra])
+    return {i for i in ids if i is not None}
+
+
+def build_jobs(
+    target: Target, tokenizer, specs: list[PromptSpec], max_new_tokens: int, max_prompt: int, eos
+):
+    """Render every turn, decode it without drafting; later MT-Bench turns follow the answer."""
+    jobs, truncated = [], 0
+    for spec in specs:
+        messages, answer = list(spec.messages), ""
+        for turn in range(1 + len(spec.followups)):
+            if turn:
+                messages += [
+                    {"role": "assistant", "content": answer},
+                    {"role": "user", "content": spec.followups[turn - 1]},
+                ]
+            ids = render_prompt(tokenizer, messages)
+            if len(ids) > max_prompt:
+                ids, truncated = ids[-max_prompt:], truncated + 1  # keep the generation prompt
+            out, seconds = greedy_decode(target, ids, max_new_tokens, eos)
+            answer = tokenizer.decode(out, skip_special_tokens=True)
+            jobs.append(Job(f"{spec.id}#{turn + 1}", ids, out, seconds))
+    return jobs, truncated
+
+
+def measure_k(target, proposer, jobs, k, max_new_tokens, eos, temperature, seed) -> dict:
+    total = DecodeStats(k)
+    generator = torch.Generator().manual_seed(seed)
+    mismatches = 0
+    for job in jobs:
+        out, stats = speculative_decode(
+            target, proposer, job.prompt, k, max_new_tokens, eos, temperature, generator
+        )
+        total.add(stats)
+        mismatches += out != job.baseline
+    base_tokens = sum(len(j.baseline) for j in jobs)
+    base_tps = base_tokens / max(sum(j.seconds for j in jobs), 1e-9)
+    tps = total.output_tokens / max(total.seconds, 1e-9)
+    return {
+        "k": k,
+        "acceptance_length": round(total.acceptance_length, 4),
+        "per_position_acceptance": [round(r, 4) for r in total.per_position_acceptance],
+        "drafts": total.drafts,
+        "draft_tokens": total.draft_tokens,
+        "accepted_tokens": total.accepted_tokens,
+        "output_tokens": total.output_tokens,
+        "tokens_per_s": round(tps, 2),
+        "baseline_tokens_per_s": round(base_tps, 2),
+        "speedup": round(tps / base_tps, 3),
+        # Sampling has no single right output; only greedy decoding must match the baseline.
+        "greedy_mismatches": mismatches if temperature == 0 else None,
+    }
+
+
+def evaluate(
+    target_model,
+    tokenizer,
+    proposer,
+    aux_layer_ids,
+    specs,
+    ks,
+    max_new_tokens,
+    temperature=0.0,
+    seed=0,
+) -> dict:
+    """Baseline once, then speculative decoding for each K; the `results` part of the JSON."""
+    torch.manual_seed(seed)
+    target = Target(target_model, aux_layer_ids)
+    eos = eos_ids(tokenizer, target_model)
+    context = getattr(target_model.config, "max_position_embeddings", None) or 10**9
+    max_prompt = context - max_new_tokens - max(ks) - 1
+    if max_prompt < 1:
+        raise SpeculatorsError(
+            "max_new_tokens",
+            f"{max_new_tokens} leaves no room for a prompt in a {context}-token context",
+        )
+    # Warm-up, so one-off allocation and kernel selection do not land in the first timing.
+    greedy_decode(target, render_prompt(tokenizer, specs[0].messages)[-max_prompt:], 2, eos)
+    jobs, truncated = build_jobs(target, tokenizer, specs, max_new_tokens, max_prompt, eos)
+    if truncated:
+        log.warning("%d prompts longer than %d tokens were truncated", truncated, max_prompt)
+    results = []
+    for k in ks:
+        row = measure_k(target, proposer, jobs, k, max_new_tokens, eos, temperature, seed)
+        log.info(
+            "k=%d acceptance_length=%.3f speedup=%.2f", k, row["acceptance_length"], row["speedup"]
+        )
+        results.append(row)
+    return {"num_turns": len(jobs), "truncated_prompts": truncated, "results": results}
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _dtype(name: str, device: torch.device, config) -> torch.dtype:
+    if name == "auto":
+        # CPUs run fp32 matmuls faster than bf16 and match the baseline bit for bit.
+        return (
+            torch.float32
+            if device.type == "cpu"
+            else getattr(config, "dtype", None) or torch.bfloat16
+        )
+    return getattr(torch, name)
+
+
+def load_target(path: str, device, dtype_name: str):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise SpeculatorsError(path, f"cannot load the target ({e})") from None
+    dtype = _dtype(dtype_name, device, config)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, tokenizer
+
+
+def load_proposer(draft_dir: Path, device):
+    from speculators.models.io import load_draft
+
+    model = load_draft(draft_dir)
+    return DraftProposer(model.to(device).eval())
+
+
+def run(args: argparse.Namespace) -> None:
+    device = _device(args.device)
+    info = read_draft_info(args.draft)
+    model, tokenizer = load_target(args.target, device, args.dtype)
+    check_draft_matches(args.draft, info, model.config)
+    ks = args.k or ([info.ttt_steps] if info.ttt_steps else None)
+    if not ks:
+        raise SpeculatorsError(args.draft / "config.json", "no speculative_tokens; pass --k")
+    for name in ("num_prompts", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise SpeculatorsError(f"--{name.replace('_', '-')}", "must be at least 1")
+    if args.temperature < 0:
+        raise SpeculatorsError("--temperature", "must be >= 0")
+    specs = load_prompts(args.prompts, args.num_prompts)
+    proposer = load_proposer(args.draft, device)
+    log.info(
+        "evaluating %s on %s: %d prompts, k=%s, device %s",
+        args.draft,
+        args.target,
+        len(specs),
+        ks,
+        device,
+    )
+    measured = evaluate(
+        model,
+        tokenizer,
+        proposer,
+        info.aux_layer_ids,
+        specs,
+        ks,
+        args.max_new_tokens,
+        args.temperature,
+        args.seed,
+    )
+    write_json(
+        args.output,
+        {
+            "backend": "transformers",
+            "target": str(args.target),
+            "draft": str(args.draft),
+            "num_prompts": len(specs),
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+            "skipped": None,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "aux_layer_ids": info.aux_layer_ids,
+            "prompts": [str(p) for p in args.prompts],
+            "seed": args.seed,
+            **measured,
+        },
+    )

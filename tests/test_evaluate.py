@@ -1,0 +1,370 @@
+"""The in-process evaluator: speculative decoding is exact, counts acceptance like vLLM, reuses the cache."""
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from fixtures import sample_conversations
+
+from speculators.errors import SpeculatorsError
+from speculators.evaluate import inprocess
+from speculators.evaluate.prompts import load_prompts, parse_row, render_prompt
+from speculators.evaluate.spec_decode import (
+    Target,
+    _verify_sampled,
+    greedy_decode,
+    speculative_decode,
+)
+
+AUX = [0, 2, 3]
+MAX_NEW = 13  # 1 + 3 * 4: full drafts of K=3 fit exactly
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    # The fixture's 0.02-std weights make greedy output loop over one or two tokens, which
+    # would hide off-by-one errors; larger weights give varied, well-separated choices.
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model, AutoTokenizer.from_pretrained(tiny_llama)
+
+
+@pytest.fixture(scope="module")
+def prompts(llama):
+    _, tok = llama
+    return [render_prompt(tok, conv[:1]) for conv in sample_conversations(4)]
+
+
+class Oracle:
+    """Proposes the target's own greedy continuation; checks the aux states it is given."""
+
+    def __init__(self, model, check_aux=True):
+        self.model, self.check_aux, self.calls = model, check_aux, 0
+
+    @torch.no_grad()
+    def propose(self, tokens, aux, k):
+        self.calls += 1
+        assert tokens.shape[0] == 1 and aux.shape[:2] == (1, tokens.shape[1] - 1)
+        if self.check_aux:
+            full = self.model(tokens[:, :-1], output_hidden_states=True).hidden_states
+            expect = torch.cat([full[i] for i in AUX], dim=-1)
+            torch.testing.assert_close(aux, expect, atol=1e-3, rtol=1e-3)
+        ids, out = tokens, []
+        for _ in range(k):
+            nxt = self.model(ids).logits[0, -1].argmax()
+            out.append(int(nxt))
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+        return torch.tensor(out)
+
+
+class RandomDraft:
+    def __init__(self, vocab, seed=0):
+        self.vocab, self.gen = vocab, torch.Generator().manual_seed(seed)
+
+    def propose(self, tokens, aux, k):
+        return torch.randint(0, self.vocab, (k,), generator=self.gen)
+
+
+class NoisyOracle(Oracle):
+    """The oracle's token with probability p per position, else a random one."""
+
+    def __init__(self, model, p, seed=0):
+        super().__init__(model, check_aux=False)
+        self.p, self.gen = p, torch.Generator().manual_seed(seed)
+
+    def propose(self, tokens, aux, k):
+        good = super().propose(tokens, aux, k)
+        noise = torch.randint(0, self.model.config.vocab_size, (k,), generator=self.gen)
+        keep = torch.rand(k, generator=self.gen) < self.p
+        return torch.where(keep, good, noise)
+
+
+def _baseline(model, prompts, max_new=MAX_NEW):
+    target = Target(model, AUX)
+    return [greedy_decode(target, p, max_new, eos=set())[0] for p in prompts]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+@pytest.mark.parametrize("draft", ["oracle", "random"])
+def test_greedy_output_unchanged_by_drafting(llama, prompts, k, draft):
+    model, _ = llama
+    proposer = Oracle(model) if draft == "oracle" else RandomDraft(model.config.vocab_size)
+    expected = _baseline(model, prompts)
+    for prompt, want in zip(prompts, expected):
+        out, stats = speculative_decode(Target(model, AUX), proposer, prompt, k, MAX_NEW, set())
+        assert out == want
+        assert stats.output_tokens == MAX_NEW
+
+
+def test_oracle_draft_reaches_k_plus_one(llama, prompts):
+    model, _ = llama
+    k = 3
+    for prompt in prompts:
+        _, stats = speculative_decode(Target(model, AUX), Oracle(model), prompt, k, MAX_NEW, set())
+        assert stats.drafts == (MAX_NEW - 1) // (k + 1)
+        assert stats.acceptance_length == k + 1
+        assert stats.per_position_acceptance == [1.0] * k
+
+
+def test_oracle_last_draft_shortened_at_end_of_generation(llama, prompts):
+    model, _ = llama
+    k, max_new = (
+        3,
+        11,
+    )  # after the first token: 2 full drafts (8 tokens), then 2 left: a 1-token draft
+    _, stats = speculative_decode(Target(model, AUX), Oracle(model), prompts[0], k, max_new, set())
+    assert (stats.drafts, stats.draft_tokens, stats.accepted_tokens) == (3, 7, 7)
+    assert stats.acceptance_length == pytest.approx(1 + 7 / 3)
+    assert stats.per_position_acceptance == pytest.approx([1.0, 2 / 3, 2 / 3])
+
+
+def test_random_draft_acceptance_near_one(llama, prompts):
+    model, _ = llama
+    total_acc, total_drafts = 0, 0
+    for prompt in prompts:
+        _, stats = speculative_decode(
+            Target(model, AUX), RandomDraft(model.config.vocab_size), prompt, 3, 25, set()
+        )
+        total_acc += stats.accepted_tokens
+        total_drafts += stats.drafts
+    assert 1.0 <= 1 + total_acc / total_drafts < 1.1
+
+
+def test_per_position_rates_non_increasing(llama, prompts):
+    model, _ = llama
+    row = inprocess.measure_k(
+        Target(model, AUX),
+        NoisyOracle(model, p=0.7),
+        [
+            inprocess.Job(str(i), p, b, 1.0)
+            for i, (p, b) in enumerate(zip(prompts, _baseline(model, prompts, 21)))
+        ],
+        k=4,
+        max_new_tokens=21,
+        eos=set(),
+        temperature=0.0,
+        seed=0,
+    )
+    rates = row["per_position_acceptance"]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    assert 0 < rates[-1] < rates[0] < 1
+    assert row["acceptance_length"] == pytest.approx(1 + sum(rates), abs=1e-3)
+    assert row["greedy_mismatches"] == 0
+
+
+def test_target_cache_reused_not_reencoded(llama, prompts):
+    """Positions the target processes = prompt + output - 1 + rejected drafts, never quadratic."""
+    model, _ = llama
+    prompt, k, max_new = prompts[1], 4, 31
+    target = Target(model, AUX)
+    out, stats = speculative_decode(target, NoisyOracle(model, p=0.6), prompt, k, max_new, set())
+    rejected = stats.draft_tokens - stats.accepted_tokens
+    assert target.positions == len(prompt) + len(out) - 1 + rejected
+    # one prefill, then one forward per verification step
+    assert target.forwards == 1 + stats.drafts
+    assert stats.drafts < len(out)
+
+
+def test_eos_stops_and_counts_no_token_after_it(llama, prompts):
+    model, _ = llama
+    k = 4
+    want = _baseline(model, prompts[:1])[0]
+    last = next(i for i in range(3, len(want)) if want[i] not in want[:i])  # EOS seen first here
+    out, stats = speculative_decode(
+        Target(model, AUX), Oracle(model, check_aux=False), prompts[0], k, MAX_NEW, {want[last]}
+    )
+    assert out == want[: last + 1]
+    # token 0 comes from the prefill; step s emits tokens 1+(s-1)(k+1) .. s(k+1), bonus last
+    step, offset = divmod(last - 1, k + 1)
+    assert stats.drafts == step + 1
+    assert stats.accepted_tokens == k * step + min(k, offset + 1)
+
+
+def test_rejection_sampling_follows_target_distribution():
+    """With a one-hot draft, the first emitted token is distributed as the target's p."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0 + 1e-9], [0.25, 0.25, 0.25, 0.25]]))
+    gen = torch.Generator().manual_seed(0)
+    counts = Counter(_verify_sampled([1], logits, 1.0, gen)[1][0] for _ in range(6000))
+    freq = [counts[i] / 6000 for i in range(4)]
+    assert freq == pytest.approx([0.5, 0.3, 0.2, 0.0], abs=0.03)
+
+
+def test_sampling_near_zero_temperature_matches_greedy(llama, prompts):
+    model, _ = llama
+    gen = torch.Generator().manual_seed(0)
+    want = _baseline(model, prompts[:1])[0]
+    out, stats = speculative_decode(
+        Target(model, AUX), Oracle(model, check_aux=False), prompts[0], 3, MAX_NEW, set(), 1e-3, gen
+    )
+    assert out == want
+    assert stats.acceptance_length == 4.0
+
+
+# ---------------------------------------------------------------- prompts and the CLI
+
+
+def test_prompt_rows_chat_and_mt_bench():
+    chat = parse_row(
+        "f:1",
+        {
+            "id": "a",
+            "conversations": [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "u"},
+                {"role": "assistant", "content": "x"},
+                {"role": "user", "content": "later"},
+            ],
+        },
+    )
+    assert chat.messages == [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    mt = parse_row("f:2", {"question_id": 81, "turns": ["one", "two"]})
+    assert (mt.id, mt.messages[0]["content"], mt.followups) == ("81", "one", ["two"])
+    assert parse_row("f:3", {"messages": [{"role": "assistant", "content": "x"}]}) is None
+    with pytest.raises(SpeculatorsError, match="f:4"):
+        parse_row("f:4", {"text": "no chat"})
+
+
+def test_prompt_files_round_robin_and_bad_json(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"id": f"a{i}", "turns": ["q"]}) + "\n" for i in range(3)))
+    b.write_text(json.dumps({"id": "b0", "turns": ["q"]}) + "\n")
+    assert [s.id for s in load_prompts([a, b], 3)] == ["a0", "b0", "a1"]
+    b.write_text("{oops\n")
+    with pytest.raises(SpeculatorsError, match="b.jsonl:1"):
+        load_prompts([a, b], 3)
+
+
+def test_long_prompts_truncated_and_counted(llama, tmp_path):
+    model, tok = llama
+    specs = load_prompts(
+        [_write(tmp_path / "p.jsonl", [{"turns": ["hello " * 200]}, {"turns": ["hi"]}])], 2
+    )
+    model.config.max_position_embeddings, old = 64, model.config.max_position_embeddings
+    try:
+        res = inprocess.evaluate(model, tok, Oracle(model, check_aux=False), AUX, specs, [2], 8)
+    finally:
+        model.config.max_position_embeddings = old
+    assert res["truncated_prompts"] == 1
+    assert res["results"][0]["greedy_mismatches"] == 0
+
+
+def test_mt_bench_second_turn_follows_greedy_answer(llama, tmp_path):
+    model, tok = llama
+    specs = load_prompts([_write(tmp_path / "mt.jsonl", [{"turns": ["hello", "and then?"]}])], 1)
+    res = inprocess.evaluate(
+        model, tok, RandomDraft(model.config.vocab_size), AUX, specs, [1, 2], 6
+    )
+    assert res["num_turns"] == 2
+    assert [r["k"] for r in res["results"]] == [1, 2]
+    assert all(r["output_tokens"] <= 12 and r["greedy_mismatches"] == 0 for r in res["results"])
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _draft_config(path, hidden=128, vocab=None, aux=AUX):
+    path.mkdir(exist_ok=True)
+    cfg = {
+        "speculators_model_type": "eagle3",
+        "transformer_layer_config": {"hidden_size": hidden, "vocab_size": vocab},
+        "eagle_aux_hidden_state_layer_ids": aux,
+        "speculators_config": {
+            "proposal_methods": [{"speculative_tokens": 3}],
+            "verifier": {"name_or_path": "some/other-model"},
+        },
+    }
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def test_draft_for_another_target_is_rejected(llama, tmp_path):
+    model, _ = llama
+    vocab = model.config.vocab_size
+    ok = _draft_config(tmp_path / "ok", vocab=vocab)
+    inprocess.check_draft_matches(ok, inprocess.read_draft_info(ok), model.config)
+    for name, kwargs, msg in [
+        ("h", {"hidden": 576, "vocab": vocab}, "hidden size 576"),
+        ("v", {"vocab": 49152}, "vocab size 49152"),
+        ("a", {"vocab": vocab, "aux": [1, 9]}, "aux layer ids"),
+    ]:
+        d = _draft_config(tmp_path / name, **kwargs)
+        with pytest.raises(SpeculatorsError, match=msg):
+            inprocess.check_draft_matches(d, inprocess.read_draft_info(d), model.config)
+
+
+def test_cli_writes_shared_schema(tiny_llama, tmp_path, monkeypatch, chat_jsonl):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    draft = _draft_config(tmp_path / "draft", vocab=model.config.vocab_size)
+    monkeypatch.setattr(inprocess, "load_proposer", lambda d, dev: Oracle(model, check_aux=False))
+    from speculators.cli import main
+
+    out = tmp_path / "eval" / "inprocess.json"
+    rc = main(
+        [
+            "evaluate",
+            "--target",
+            str(tiny_llama),
+            "--draft",
+            str(draft),
+            "--prompts",
+            str(chat_jsonl),
+            "--num-prompts",
+            "3",
+            "--max-new-tokens",
+            "9",
+            "--output",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["backend"] == "transformers" and data["skipped"] is None
+    assert data["num_prompts"] == 3 and data["device"] == "cpu"
+    (row,) = data["results"]  # k defaults to the draft's speculative_tokens
+    assert set(row) == {
+        "k",
+        "acceptance_length",
+        "per_position_acceptance",
+        "drafts",
+        "draft_tokens",
+        "accepted_tokens",
+        "output_tokens",
+        "tokens_per_s",
+        "baseline_tokens_per_s",
+        "speedup",
+        "greedy_mismatches",
+    }
+    assert row["k"] == 3 and row["acceptance_length"] == 4.0 and row["greedy_mismatches"] == 0
+
+
+def test_cli_mismatched_draft_fails_cleanly(tiny_llama, tmp_path, chat_jsonl, capsys):
+    from speculators.cli import main
+
+    draft = _draft_config(tmp_path / "draft", hidden=576, vocab=49152)
+    out = tmp_path / "inprocess.json"
+    rc = main(
+        [
+            "evaluate",
+            "--target",
+            str(tiny_llama),
+            "--draft",
+            str(draft),
+            "--prompts",
+            str(chat_jsonl),
+            "--output",
+            str(out),
+        ]
+    )
+    assert rc == 1 and not out.exists()
+    assert "hidden size 576" in capsys.readouterr().err
