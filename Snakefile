@@ -11,6 +11,7 @@ configfile: "config/config.yaml"
 
 include: "rules/common.smk"
 include: "rules/assets.smk"
+include: "rules/prepare.smk"
 
 
 localrules:

@@ -1,5 +1,6 @@
 # Config validation and the helper functions the stage rules use; no rules here.
 import re
+import shlex
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -48,15 +49,88 @@ def dataset_source(name):
 
 def dataset_input(name):
     src = config["datasets"][name]["source"]
-    return [f"resources/datasets/{name}.jsonl"] if src == "chitchat" else []
+    if src == "chitchat":
+        return [f"resources/datasets/{name}.jsonl"]
+    # A local file is an input, so editing it reruns what reads it; hub names are not files.
+    return [src] if src.endswith((".json", ".jsonl", ".parquet")) else []
 
 
 def stage_cfg(run, stage):
     return RUNS[run][stage]
 
 
+def _flag(flag, value):
+    """`--flag value` for an optional CLI argument; nothing when the config value is null."""
+    return "" if value is None else f"{flag} {shlex.quote(str(value))}"
+
+
+def run_dataset_cfg(wildcards):
+    """A dataset's per-run options (max_samples, regenerate); the dataset must be in the run."""
+    datasets = RUNS[wildcards.run]["datasets"]
+    if wildcards.dataset not in datasets:
+        raise WorkflowError(f"run {wildcards.run} has no dataset {wildcards.dataset}")
+    return datasets[wildcards.dataset]
+
+
+def regenerated_jsonl(wildcards):
+    return f"results/{wildcards.run}/regenerated/{wildcards.dataset}.jsonl"
+
+
+def prepare_source(wildcards):
+    """What `prepare` reads: the regenerated JSONL when the run regenerates the dataset."""
+    if run_dataset_cfg(wildcards)["regenerate"]:
+        return regenerated_jsonl(wildcards)
+    return dataset_source(wildcards.dataset)
+
+
+def prepare_input(wildcards):
+    if run_dataset_cfg(wildcards)["regenerate"]:
+        return [regenerated_jsonl(wildcards)]
+    return dataset_input(wildcards.dataset)
+
+
+def source_of(wildcards):
+    return dataset_source(wildcards.dataset)
+
+
+def source_input(wildcards):
+    return dataset_input(wildcards.dataset)
+
+
+def target_of(wildcards):
+    return target_path(wildcards.run)
+
+
+def split_flag(wildcards):
+    return _flag("--split", config["datasets"][wildcards.dataset]["split"])
+
+
+def max_samples_flag(wildcards):
+    return _flag("--max-samples", run_dataset_cfg(wildcards)["max_samples"])
+
+
+def max_turns_flag(wildcards):
+    return _flag("--max-turns", RUNS[wildcards.run]["regenerate"]["max_turns"])
+
+
+def stage_gpus(stage):
+    """resources function: the GPUs a job of `stage` asks for (the stage's `gpus` key)."""
+
+    def gpus(wildcards):
+        return RUNS[wildcards.run][stage]["gpus"]
+
+    return gpus
+
+
+def prepared_token_freqs(wildcards):
+    """The per-dataset token counts that make up a run's combined token_freq.pt."""
+    run = wildcards.run
+    return [f"results/{run}/prepared/{d}/token_freq.pt" for d in RUNS[run]["datasets"]]
+
+
 def final_outputs():
     """What `snakemake` with no target builds: each run's furthest stage."""
     outputs = [f"resources/models/{m}" for m in GGUF_MODELS]
     outputs += [f"resources/datasets/{d}.jsonl" for d in CHITCHAT_DATASETS]
+    outputs += [f"results/{run}/prepared/token_freq.pt" for run in RUNS]
     return outputs
