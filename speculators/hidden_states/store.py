@@ -140,11 +140,14 @@ class SampleStore:
             "loss_mask": _own_copy(loss_mask, torch.long),
         }
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(where) as tmp:
-            # A file object (not a path) keeps the archive's inner name fixed ("archive"), so
-            # the bytes do not depend on the temporary file name.
-            with open(tmp, "wb") as f:
-                torch.save(sample, f)
+        try:
+            with atomic_path(where) as tmp:
+                # A file object (not a path) keeps the archive's inner name fixed ("archive"),
+                # so the bytes do not depend on the temporary file name.
+                with open(tmp, "wb") as f:
+                    torch.save(sample, f)
+        except OSError as e:  # a full disk or a lost mount: the samples already written stay
+            raise SpeculatorsError(where, f"cannot write ({e.strerror or e})") from None
         return where
 
     # -- checking ----------------------------------------------------------------------------
@@ -158,7 +161,7 @@ class SampleStore:
             # mmap: shapes and dtypes are checked without reading every state into memory.
             sample = torch.load(path, weights_only=True, mmap=True)
         except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
-            return f"unreadable ({str(e).splitlines()[0][:120]})"
+            return f"unreadable ({str(e).splitlines()[0].split('. ')[0][:120]})"
         if not isinstance(sample, dict) or set(sample) != {
             "input_ids",
             "hidden_states",
