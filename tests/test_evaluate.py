@@ -368,3 +368,66 @@ def test_cli_mismatched_draft_fails_cleanly(tiny_llama, tmp_path, chat_jsonl, ca
     )
     assert rc == 1 and not out.exists()
     assert "hidden size 576" in capsys.readouterr().err
+
+
+def test_aux_layer_l_is_the_pre_norm_final_state(llama, prompts):
+    model, _ = llama
+    target = Target(model, [1, 4])
+    _, aux = target.forward(prompts[0], target.new_cache(), want_aux=True)
+    seen = {}
+    handle = model.model.norm.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+    try:
+        hs = model(torch.tensor([prompts[0]]), output_hidden_states=True).hidden_states
+    finally:
+        handle.remove()
+    torch.testing.assert_close(aux, torch.cat([hs[1][0], seen["x"][0]], dim=-1))
+
+
+def test_cli_with_an_untrained_draft(tiny_llama, tmp_path, chat_jsonl):
+    """The real draft model plugs in: load_draft + propose through the CLI, output unchanged."""
+    import numpy as np
+
+    from speculators.cli import main
+    from speculators.models import Eagle3DraftConfig, Eagle3DraftModel
+    from speculators.models.io import save_draft
+
+    cfg = Eagle3DraftConfig.from_target(
+        tiny_llama, draft_vocab_size=64, aux_layer_ids=[1, 2, 3], ttt_steps=2
+    )
+    t2d = np.zeros(cfg.vocab_size, dtype=bool)
+    t2d[:64] = True
+    torch.manual_seed(0)
+    draft = Eagle3DraftModel.from_target(cfg, tiny_llama, np.zeros(64, dtype=np.int64), t2d)
+    save_draft(
+        draft,
+        tmp_path / "draft",
+        verifier_name_or_path=str(tiny_llama),
+        verifier_architectures=["LlamaForCausalLM"],
+        dtype=torch.float32,
+    )
+    out = tmp_path / "inprocess.json"
+    rc = main(
+        [
+            "evaluate",
+            "--target",
+            str(tiny_llama),
+            "--draft",
+            str(tmp_path / "draft"),
+            "--prompts",
+            str(chat_jsonl),
+            "--num-prompts",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--k",
+            "1",
+            "2",
+            "--output",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["aux_layer_ids"] == [1, 2, 3]
+    assert [r["k"] for r in data["results"]] == [1, 2]
+    assert all(r["greedy_mismatches"] == 0 and r["drafts"] > 0 for r in data["results"])

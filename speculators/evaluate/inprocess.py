@@ -100,7 +100,7 @@ def check_draft_matches(draft_dir: Path, info: DraftInfo, target_config) -> None
     if not info.aux_layer_ids:
         raise SpeculatorsError(where, "no aux layer ids (eagle_aux_hidden_state_layer_ids)")
     n = target_config.num_hidden_layers
-    bad = [i for i in info.aux_layer_ids if not 0 <= i < n]
+    bad = [i for i in info.aux_layer_ids if not 0 <= i <= n]
     if bad:
         raise SpeculatorsError(where, f"aux layer ids {bad} do not fit a {n}-layer target")
 
@@ -261,8 +261,7 @@ def load_target(path: str, device, dtype_name: str):
 def load_proposer(draft_dir: Path, device):
     from speculators.models.io import load_draft
 
-    model = load_draft(draft_dir)
-    return DraftProposer(model.to(device).eval())
+    return DraftProposer(load_draft(draft_dir, device=device).eval())
 
 
 def run(args: argparse.Namespace) -> None:

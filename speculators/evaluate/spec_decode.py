@@ -39,16 +39,23 @@ class Target:
         self.model = model
         self.aux_layer_ids = list(aux_layer_ids or [])
         n_layers = model.config.num_hidden_layers
-        bad = [i for i in self.aux_layer_ids if not 0 <= i < n_layers]
+        bad = [i for i in self.aux_layer_ids if not 0 <= i <= n_layers]
         if bad:
-            # output_hidden_states[L] is post-norm, so only inputs of decoder layers qualify.
-            raise ValueError(f"aux layer ids {bad} outside 0..{n_layers - 1}")
+            raise ValueError(f"aux layer ids {bad} outside 0..{n_layers}")
+        # Layer L means the final pre-norm state; transformers' hidden_states[L] is post-norm,
+        # so take it from the input of the final norm instead.
+        self._final = None
+        if n_layers in self.aux_layer_ids:
+            model.get_decoder().norm.register_forward_pre_hook(self._keep_final)
         self.device = next(model.parameters()).device
         # transformers 5.x renamed `past_key_values` to `cache`; 4.x only knows the old name.
         params = inspect.signature(model.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.positions = 0  # positions the target has processed, all calls together
         self.forwards = 0
+
+    def _keep_final(self, module, args):
+        self._final = args[0]
 
     def new_cache(self):
         from transformers import DynamicCache
@@ -66,7 +73,8 @@ class Target:
         aux = None
         if want_aux:
             # hidden_states[i] is the input of decoder layer i: vLLM's aux convention.
-            aux = torch.cat([out.hidden_states[i][0] for i in self.aux_layer_ids], dim=-1)
+            states = list(out.hidden_states[:-1]) + [self._final]
+            aux = torch.cat([states[i][0] for i in self.aux_layer_ids], dim=-1)
         return out.logits[0].float(), aux
 
 
