@@ -1,0 +1,244 @@
+"""Training data: hidden-states folders checked against the target, the validation split,
+the vocabulary mapping, and packed per-rank batches (with aux-state noise for training).
+
+A batch is one packed row `[1, total_seq_len]` of whole aligned samples plus padding.
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from speculators.errors import SpeculatorsError
+from speculators.hidden_states.store import DATA_CONFIG, read_data_config, sample_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    path: Path
+    length: int  # tokens after alignment (stored length - 1): what the sample packs as
+
+
+@dataclass
+class HiddenStatesData:
+    """All samples of one or more hidden-states folders, in folder then index order."""
+
+    folders: list[Path]
+    layer_ids: list[int]
+    hidden_size: int
+    samples: list[SampleRef]
+    num_loss_tokens: int
+
+    @property
+    def aux_layer_ids(self) -> list[int]:
+        return self.layer_ids[:-1]
+
+    @classmethod
+    def open(
+        cls, folders: Sequence[str | Path], *, hidden_size: int, vocab_size: int, num_layers: int
+    ) -> HiddenStatesData:
+        """Read each folder's data_config.json and check it against the target's dimensions."""
+        if not folders:
+            raise SpeculatorsError("--data", "no hidden-states folder given")
+        layer_ids, samples, loss_tokens = None, [], 0
+        for folder in map(Path, folders):
+            where = folder / DATA_CONFIG
+            cfg = read_data_config(folder)
+            target = cfg.get("target", {})
+            if target.get("hidden_size") != hidden_size:
+                raise SpeculatorsError(
+                    where,
+                    f"hidden_size {target.get('hidden_size')} != the target's {hidden_size}:"
+                    " hidden states of another model",
+                )
+            if target.get("vocab_size") != vocab_size:
+                raise SpeculatorsError(
+                    where, f"vocab_size {target.get('vocab_size')} != the target's {vocab_size}"
+                )
+            if target.get("num_hidden_layers") != num_layers:
+                raise SpeculatorsError(
+                    where,
+                    f"num_hidden_layers {target.get('num_hidden_layers')} != the target's"
+                    f" {num_layers}",
+                )
+            ids = list(cfg["layer_ids"])
+            if ids[-1] != num_layers:
+                raise SpeculatorsError(where, f"layer_ids {ids}: the last must be {num_layers}")
+            if layer_ids is not None and ids != layer_ids:
+                raise SpeculatorsError(
+                    where, f"layer_ids {ids} differ from {layer_ids} of {folders[0]}"
+                )
+            layer_ids = ids
+            lengths = cfg["data"]["sample_lengths"]
+            loss_tokens += int(cfg["data"].get("num_loss_tokens", 1))
+            for idx, n in enumerate(lengths):
+                # A 1-token sample has nothing to predict once inputs and targets are shifted.
+                if n >= 2:
+                    samples.append(SampleRef(sample_path(folder, idx), int(n) - 1))
+        if not samples:
+            raise SpeculatorsError(folders[0], "no samples with 2 or more tokens: nothing to train")
+        if loss_tokens == 0:
+            raise SpeculatorsError(folders[0], "every loss_mask is 0: no supervised tokens")
+        return cls([Path(f) for f in folders], layer_ids, hidden_size, samples, loss_tokens)
+
+    def split(self, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+        """Seeded (train, val) sample indices; validation holds out whole samples."""
+        n = len(self.samples)
+        n_val = round(n * val_fraction) if val_fraction > 0 else 0
+        n_val = min(max(n_val, 1 if val_fraction > 0 else 0), n - 1)
+        if val_fraction > 0 and n_val < 1:
+            raise SpeculatorsError("--val-fraction", f"{n} sample(s): too few to hold any out")
+        order = np.random.default_rng([seed, 0x5A11]).permutation(n).tolist()
+        return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def load_vocab_mapping(d2t_path, t2d_path, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`d2t` (int64 offsets, [Vd]) and `t2d` (bool mask, [V]) checked against each other."""
+    d2t = torch.from_numpy(np.load(d2t_path)).long()
+    t2d = torch.from_numpy(np.load(t2d_path)).bool()
+    if d2t.dim() != 1 or t2d.dim() != 1:
+        raise SpeculatorsError(d2t_path, "d2t and t2d must be 1-D arrays")
+    if t2d.numel() != vocab_size:
+        raise SpeculatorsError(
+            t2d_path, f"{t2d.numel()} entries != the target's vocab_size {vocab_size}"
+        )
+    if int(t2d.sum()) != d2t.numel():
+        raise SpeculatorsError(
+            t2d_path, f"{int(t2d.sum())} tokens selected but d2t has {d2t.numel()} entries"
+        )
+    if not torch.equal(torch.arange(d2t.numel()) + d2t, t2d.nonzero().flatten()):
+        raise SpeculatorsError(d2t_path, "arange(Vd) + d2t does not list t2d's tokens in order")
+    return d2t, t2d
+
+
+def load_sample(ref: SampleRef, num_states: int, hidden_size: int) -> dict:
+    """The aligned sample (model inputs shifted against targets), length `ref.length`."""
+    from speculators.models.eagle3 import align_sample
+
+    try:
+        raw = torch.load(ref.path, weights_only=True)
+    except (OSError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        raise SpeculatorsError(ref.path, f"unreadable sample ({str(e).splitlines()[0]})") from None
+    states = raw.get("hidden_states") if isinstance(raw, dict) else None
+    n = ref.length + 1
+    if not isinstance(states, list) or len(states) != num_states:
+        got = len(states) if isinstance(states, list) else "no"
+        raise SpeculatorsError(
+            ref.path, f"{got} hidden-state tensors, data_config says {num_states}"
+        )
+    for t in states:
+        if tuple(t.shape) != (n, hidden_size):
+            raise SpeculatorsError(
+                ref.path, f"hidden state {tuple(t.shape)} != ({n}, {hidden_size}) per data_config"
+            )
+    if raw["input_ids"].shape != (n,) or raw["loss_mask"].shape != (n,):
+        raise SpeculatorsError(ref.path, f"input_ids/loss_mask length != {n} per data_config")
+    return align_sample(raw["input_ids"], states, raw["loss_mask"])
+
+
+def noise_generator(seed: int, epoch: int, step: int, rank: int) -> torch.Generator:
+    """A generator that depends only on where the batch is, so a resumed run draws the same."""
+    g = torch.Generator()
+    g.manual_seed(int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1)[0]))
+    return g
+
+
+def pack_batch(samples: Sequence[dict], capacity: int) -> dict:
+    """Concatenate aligned samples into one `[1, capacity]` row; padding has document id -1."""
+    if not samples:
+        raise ValueError("pack_batch needs at least one sample; use empty_batch")
+    keys = ("input_ids", "aux", "last", "loss_mask", "position_ids")
+    parts: dict[str, list] = {k: [] for k in keys}
+    docs = []
+    for doc, s in enumerate(samples):
+        n = min(len(s["input_ids"]), capacity)  # longer samples are cut (counted by the plan)
+        for k in keys:
+            parts[k].append(s[k][:n])
+        docs.append(torch.full((n,), doc, dtype=torch.long))
+    used = sum(len(d) for d in docs)
+    pad = capacity - used
+    if pad < 0:
+        raise ValueError(f"packed {used} tokens into a budget of {capacity}")
+    aux_w, last_w = parts["aux"][0].shape[-1], parts["last"][0].shape[-1]
+    parts["input_ids"].append(torch.zeros(pad, dtype=torch.long))
+    parts["aux"].append(torch.zeros(pad, aux_w))
+    parts["last"].append(torch.zeros(pad, last_w))
+    parts["loss_mask"].append(torch.zeros(pad, dtype=torch.long))
+    parts["position_ids"].append(torch.zeros(pad, dtype=torch.long))
+    docs.append(torch.full((pad,), -1, dtype=torch.long))
+    batch = {
+        k: torch.cat([p.to(torch.float32) if k in ("aux", "last") else p.long() for p in v])
+        for k, v in parts.items()
+    }
+    batch["document_ids"] = torch.cat(docs)
+    return {k: v.unsqueeze(0) for k, v in batch.items()}
+
+
+def empty_batch(capacity: int, aux_width: int, hidden_size: int) -> dict:
+    """An all-padding batch: a rank with no sample left still joins the step's collectives."""
+    zeros = torch.zeros(1, capacity, dtype=torch.long)
+    return {
+        "input_ids": zeros,
+        "aux": torch.zeros(1, capacity, aux_width),
+        "last": torch.zeros(1, capacity, hidden_size),
+        "loss_mask": zeros,
+        "position_ids": zeros,
+        "document_ids": torch.full((1, capacity), -1, dtype=torch.long),
+    }
+
+
+class BatchLoader:
+    """Loads this rank's packed batches for one epoch's plan, one batch ahead in a thread."""
+
+    def __init__(
+        self,
+        data: HiddenStatesData,
+        indices: Sequence[int],
+        capacity: int,
+        noise: float = 0.0,
+        seed: int = 0,
+    ):
+        self.data, self.indices, self.capacity = data, list(indices), capacity
+        self.noise, self.seed = noise, seed
+        self.num_states = len(data.layer_ids)
+
+    def ref(self, i: int) -> SampleRef:
+        """The file of sample `i` of this loader's split."""
+        return self.data.samples[self.indices[i]]
+
+    def batch(self, bin_: Sequence[int], epoch: int, step: int, rank: int) -> dict:
+        h = self.data.hidden_size
+        if not bin_:
+            return empty_batch(self.capacity, h * (self.num_states - 1), h)
+        refs = [self.ref(i) for i in bin_]
+        batch = pack_batch([load_sample(r, self.num_states, h) for r in refs], self.capacity)
+        if self.noise > 0:
+            # Uniform in [-noise, noise) on the aux states only; padding stays zero.
+            g = noise_generator(self.seed, epoch, step, rank)
+            u = torch.rand(batch["aux"].shape, generator=g)
+            real = (batch["document_ids"] >= 0).unsqueeze(-1)
+            batch["aux"] += (2 * u - 1) * self.noise * real
+        return batch
+
+    def iterate(
+        self, bins: Sequence[Sequence[int]], epoch: int, rank: int, start: int = 0
+    ) -> Iterator[tuple[int, dict]]:
+        """(step, batch) for steps start.. of `bins` (this rank's bin per step)."""
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = None
+            for step in range(start, len(bins)):
+                nxt = pool.submit(self.batch, bins[step], epoch, step, rank)
+                if pending is not None:
+                    yield step - 1, pending.result()
+                pending = nxt
+            if pending is not None:
+                yield len(bins) - 1, pending.result()

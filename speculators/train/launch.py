@@ -1,0 +1,93 @@
+"""Re-launches `speculators train` under torchrun when it asks for several processes.
+
+One node: `torchrun --standalone`. Several nodes under SLURM: one `srun` task per node, each
+running torchrun, meeting at the first host through the c10d rendezvous.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+from speculators.errors import SpeculatorsError
+
+log = logging.getLogger(__name__)
+
+RDZV_PORT = 29500
+
+
+def needs_launch(args: argparse.Namespace) -> bool:
+    """More than one process wanted and not already one of torchrun's workers."""
+    return (args.nproc_per_node > 1 or args.nnodes > 1) and "LOCAL_RANK" not in os.environ
+
+
+def to_argv(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """Command-line options that parse back to `args` (for the re-launched workers)."""
+    argv = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        value = getattr(args, action.dest, None)
+        flag = action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(action, argparse._StoreTrueAction):
+            if value:
+                argv.append(flag)
+        elif value is None:
+            continue
+        elif isinstance(value, list):
+            if value:
+                argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _first_slurm_host() -> str:
+    nodelist = os.environ["SLURM_JOB_NODELIST"]
+    out = subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+    )
+    return out.stdout.split()[0]
+
+
+def launch_command(args: argparse.Namespace, worker_argv: list[str]) -> list[str]:
+    torchrun = shutil.which("torchrun") or "torchrun"
+    module = [torchrun, "--nproc-per-node", str(args.nproc_per_node)]
+    tail = ["-m", "speculators.cli", "train", *worker_argv]
+    if args.nnodes == 1:
+        return [*module[:1], "--standalone", *module[1:], *tail]
+    slurm_nodes = int(os.environ.get("SLURM_NNODES", "1"))
+    if slurm_nodes < args.nnodes:
+        raise SpeculatorsError(
+            "--nnodes",
+            f"{args.nnodes} nodes need a SLURM allocation of as many (SLURM_NNODES is"
+            f" {os.environ.get('SLURM_NNODES', 'unset')}); elsewhere start torchrun yourself",
+        )
+    rdzv = [
+        "--nnodes",
+        str(args.nnodes),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"{_first_slurm_host()}:{RDZV_PORT}",
+        "--rdzv-id",
+        os.environ.get("SLURM_JOB_ID", "speculators-train"),
+    ]
+    srun = ["srun", "--ntasks-per-node=1", f"--nodes={args.nnodes}", "--kill-on-bad-exit=1"]
+    return [*srun, *module, *rdzv, *tail]
+
+
+def relaunch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Run this same training command as torchrun workers; fail if any worker fails."""
+    cmd = launch_command(args, to_argv(parser, args))
+    log.info("launching: %s", " ".join(cmd))
+    sys.stdout.flush()
+    rc = subprocess.run(cmd).returncode
+    if rc != 0:
+        raise SpeculatorsError("train", f"torchrun workers failed (exit status {rc}); see above")

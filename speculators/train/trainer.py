@@ -1,0 +1,380 @@
+"""The `train` subcommand: trains an EAGLE-3 draft on captured hidden states and publishes it.
+
+`train()` is the whole loop, top to bottom; data, packing, sharding, checkpoints and metrics
+live in the sibling modules. Several processes: the command re-launches itself under torchrun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import inspect
+import json
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from speculators.errors import SpeculatorsError
+from speculators.fileio import atomic_path, write_json
+from speculators.train import distributed, launch
+from speculators.train.checkpoint import Checkpointer, load_trainable_state_dict
+from speculators.train.data import BatchLoader, HiddenStatesData, load_vocab_mapping
+from speculators.train.metrics import MetricsLog, stats_vector, summarize
+from speculators.train.optim import SCHEDULERS, build_optimizer, build_scheduler
+from speculators.train.packing import plan_epoch
+
+log = logging.getLogger(__name__)
+
+# Non-finite steps in a row before training stops: one bad batch is skipped, a diverged run is not.
+MAX_NONFINITE_IN_A_ROW = 10
+# Settings that change the trajectory; a checkpoint made with other values is refused.
+TRAJECTORY_KEYS = (
+    "num_layers", "ttt_steps", "ttt_step_loss_decay", "epochs", "lr", "weight_decay",
+    "scheduler", "warmup_fraction", "grad_clip", "total_seq_len", "noise", "val_fraction",
+    "norm_before_residual", "norm_before_fc", "intermediate_size", "seed",
+)  # fmt: skip
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    io = p.add_argument_group("inputs and outputs")
+    io.add_argument("--target", required=True, help="target model folder or Hugging Face id")
+    io.add_argument("--data", required=True, nargs="+", help="hidden-states folder(s)")
+    io.add_argument("--d2t", required=True, type=Path, help="d2t.npy of the draft vocabulary")
+    io.add_argument("--t2d", required=True, type=Path, help="t2d.npy of the draft vocabulary")
+    io.add_argument("--output", required=True, type=Path, help="draft folder to publish")
+    io.add_argument(
+        "--work-dir", required=True, type=Path, help="checkpoints and logs (resumed if present)"
+    )
+    m = p.add_argument_group("draft model (defaults as in config/schema.yaml)")
+    m.add_argument("--num-layers", type=int, default=1)
+    m.add_argument("--ttt-steps", type=int, default=3)
+    m.add_argument("--norm-before-residual", action=argparse.BooleanOptionalAction, default=True)
+    m.add_argument("--norm-before-fc", action=argparse.BooleanOptionalAction, default=False)
+    m.add_argument("--intermediate-size", type=int, default=None)
+    t = p.add_argument_group("training")
+    t.add_argument("--ttt-step-loss-decay", type=float, default=1.0)
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--weight-decay", type=float, default=0.01)
+    t.add_argument("--scheduler", choices=SCHEDULERS, default="linear")
+    t.add_argument("--warmup-fraction", type=float, default=0.01)
+    t.add_argument("--grad-clip", type=float, default=1.0)
+    t.add_argument("--total-seq-len", type=int, default=8192, help="tokens per batch per rank")
+    t.add_argument("--noise", type=float, default=0.05, help="uniform noise on the aux states")
+    t.add_argument("--val-fraction", type=float, default=0.1)
+    t.add_argument("--checkpoint-every", type=int, default=500, help="optimizer steps")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--loggers", nargs="*", default=["tensorboard"], choices=["tensorboard", "wandb", "trackio"]
+    )
+    d = p.add_argument_group("processes")
+    d.add_argument("--nproc-per-node", type=int, default=1, help=">1: re-launch under torchrun")
+    d.add_argument("--nnodes", type=int, default=1, help=">1: one torchrun per SLURM node")
+
+
+def run(args: argparse.Namespace) -> None:
+    if launch.needs_launch(args):
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        launch.relaunch(parser, args)
+        return
+    env = distributed.init()
+    try:
+        train(args, env)
+    finally:
+        distributed.shutdown()
+
+
+def resolve_target(target: str) -> Path:
+    """A local folder, or a Hugging Face id resolved to its (cached) snapshot."""
+    if Path(target).is_dir():
+        return Path(target)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(target, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as e:
+        raise SpeculatorsError(target, f"not a local folder, and not downloadable ({e})") from None
+
+
+def fingerprint(args, data: HiddenStatesData, d2t, t2d) -> dict:
+    def digest(obj) -> str:
+        return hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:16]
+
+    lengths = [s.length for s in data.samples]
+    return {
+        "target": str(args.target),
+        "data": digest([data.layer_ids, data.hidden_size, lengths]),
+        "vocab": digest([d2t.tolist(), t2d.nonzero().flatten().tolist()]),
+        **{k: getattr(args, k) for k in TRAJECTORY_KEYS},
+    }
+
+
+def autocast(env):
+    if env.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def global_counts(batch: dict, ttt_steps: int, env) -> torch.Tensor:
+    """Supervised positions per TTT step summed over ranks: every rank divides by the same."""
+    from speculators.models.loss import step_valid_mask
+
+    mask, docs = batch["loss_mask"][0], batch["document_ids"][0]
+    counts = torch.tensor(
+        [float(step_valid_mask(mask, docs, k).sum()) for k in range(ttt_steps)],
+        dtype=torch.float64,
+        device=env.device if env.device.type == "cuda" else "cpu",
+    )
+    return distributed.all_reduce_sum(counts, env).to(torch.float32)
+
+
+def _takes_normalizer(model) -> bool:
+    return "count_normalizer" in inspect.signature(model.forward).parameters
+
+
+def train_step(model, batch, optimizer, scheduler, args, env) -> dict:
+    """One optimizer step on this rank's packed batch; returns summed stats and whether skipped."""
+    batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
+    kwargs = {}
+    if env.world_size > 1 and _takes_normalizer(model):
+        # Loss = token mean over all ranks: step k's KL sum over the global count. FSDP
+        # averages gradients over ranks, so each rank's share is scaled up by the world size.
+        normalizer = global_counts(batch, args.ttt_steps, env).clamp(min=1) / env.world_size
+        kwargs["count_normalizer"] = normalizer.to(env.device)
+    finite_input = torch.isfinite(batch["aux"]).all() & torch.isfinite(batch["last"]).all()
+    with autocast(env):
+        loss, stats = model(
+            **batch, ttt_steps=args.ttt_steps, loss_decay=args.ttt_step_loss_decay, **kwargs
+        )
+    bad = (~finite_input | ~torch.isfinite(loss.detach())).float().reshape(1)
+    bad = bad.to(env.device if env.device.type == "cuda" else "cpu")
+    if distributed.all_reduce_sum(bad, env).item() == 0:
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], args.grad_clip
+        )
+        if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+    else:
+        grad_norm = math.nan
+    skipped = not math.isfinite(grad_norm)
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    lr = scheduler.get_last_lr()[0]
+    with warnings.catch_warnings():  # torch warns when the very first step was skipped
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()  # the schedule advances even on a skipped step, so resumes line up
+    tokens = int((batch["document_ids"] >= 0).sum())
+    sums = distributed.all_reduce_sum(stats_vector(stats, args.ttt_steps, tokens), env)
+    return {"sums": sums, "skipped": skipped, "grad_norm": grad_norm, "lr": lr}
+
+
+@torch.no_grad()
+def evaluate(model, loader: BatchLoader, bins, args, env) -> dict | None:
+    """Validation metrics (no noise, no gradient) over this rank's share of the held-out set."""
+    if not bins:
+        return None
+    model.eval()
+    total = None
+    for _, batch in loader.iterate(bins, epoch=0, rank=env.rank):
+        batch = {k: v.to(env.device) for k, v in batch.items()}
+        with autocast(env):
+            _, stats = model(**batch, ttt_steps=args.ttt_steps, loss_decay=args.ttt_step_loss_decay)
+        tokens = int((batch["document_ids"] >= 0).sum())
+        vec = stats_vector(stats, args.ttt_steps, tokens)
+        total = vec if total is None else total + vec
+    model.train()
+    return summarize(
+        distributed.all_reduce_sum(total, env), args.ttt_steps, args.ttt_step_loss_decay
+    )
+
+
+def build_model(args, target: Path, data: HiddenStatesData, d2t, t2d):
+    from speculators.models.eagle3 import Eagle3DraftConfig, Eagle3DraftModel
+
+    config = Eagle3DraftConfig.from_target(
+        target,
+        draft_vocab_size=d2t.numel(),
+        aux_layer_ids=data.aux_layer_ids,
+        num_layers=args.num_layers,
+        ttt_steps=args.ttt_steps,
+        norm_before_residual=args.norm_before_residual,
+        norm_before_fc=args.norm_before_fc,
+        intermediate_size=args.intermediate_size,
+    )
+    torch.manual_seed(args.seed)  # same initial weights on every rank and every resume
+    return Eagle3DraftModel.from_target(config, target, d2t, t2d)
+
+
+def train(args: argparse.Namespace, env: distributed.DistEnv) -> None:
+    from speculators.models.eagle3 import target_text_config
+
+    # -- data, vocabulary, batches of every epoch (from lengths alone) -----------------------
+    target = resolve_target(args.target)
+    tcfg = target_text_config(target)
+    data = HiddenStatesData.open(
+        args.data,
+        hidden_size=tcfg["hidden_size"],
+        vocab_size=tcfg["vocab_size"],
+        num_layers=tcfg["num_hidden_layers"],
+    )
+    d2t, t2d = load_vocab_mapping(args.d2t, args.t2d, tcfg["vocab_size"])
+    train_idx, val_idx = data.split(args.val_fraction, args.seed)
+    lengths = [s.length for s in data.samples]
+    T, world = args.total_seq_len, env.world_size
+    plans = [
+        plan_epoch([lengths[i] for i in train_idx], T, world, args.seed, e)
+        for e in range(args.epochs)
+    ]
+    val_plan = plan_epoch([lengths[i] for i in val_idx], T, world, args.seed, 0, shuffle=False)
+    total_steps = sum(len(p) for p in plans)
+    fill = sum(plans[0].lengths) / max(1, len(plans[0]) * world * T)
+    log.info(
+        "%d samples (%d train, %d val) in %d folder(s); %d steps/epoch x %d epochs on %d rank(s),"
+        " batches %.0f%% full; %d samples longer than %d tokens truncated; %d padding-only bins",
+        len(lengths), len(train_idx), len(val_idx), len(data.folders), len(plans[0]),
+        args.epochs, world, 100 * fill, plans[0].truncated, T, plans[0].empty_bins,
+    )  # fmt: skip
+
+    # -- model, optimizer, schedule; resume if a checkpoint exists ---------------------------
+    model = build_model(args, target, data, d2t, t2d).to(env.device)
+    model = distributed.parallelize(model, env)
+    optimizer = build_optimizer(model, args.lr, args.weight_decay)
+    scheduler = build_scheduler(optimizer, total_steps, args.warmup_fraction, args.scheduler)
+    ckpt = Checkpointer(args.work_dir, env, fingerprint(args, data, d2t, t2d))
+    progress = ckpt.load(model, optimizer, scheduler)
+    resumed = progress is not None
+    progress = progress or {
+        "epoch": 0, "step_in_epoch": 0, "global_step": 0, "skipped_steps": 0,
+        "best_val_loss": math.inf, "best_epoch": None, "wall_time_s": 0.0,
+    }  # fmt: skip
+    metrics = MetricsLog(
+        args.work_dir, args.loggers, env.is_main, vars(args) | {"world_size": world},
+        resume_step=progress["global_step"] if resumed else None,
+    )  # fmt: skip
+    metrics.truncate(
+        lambda r: (
+            (r["split"] == "train" and r["step"] <= progress["global_step"])
+            or (r["split"] == "val" and r["epoch"] < progress["epoch"])
+        )
+    )
+    train_loader = BatchLoader(data, train_idx, T, noise=args.noise, seed=args.seed)
+    val_loader = BatchLoader(data, val_idx, T)
+    val_bins = val_plan.rank_steps(env.rank)
+    nonfinite_in_a_row = 0
+    started = time.perf_counter() - progress["wall_time_s"]
+
+    # -- the loop -----------------------------------------------------------------------------
+    for epoch in range(progress["epoch"], args.epochs):
+        bins = plans[epoch].rank_steps(env.rank)
+        bar = tqdm(
+            total=len(bins), initial=progress["step_in_epoch"], desc=f"epoch {epoch}",
+            disable=not env.is_main, mininterval=2.0,
+        )  # fmt: skip
+        epoch_supervised, epoch_started_at = 0, progress["step_in_epoch"]
+        tick = time.perf_counter()
+        for step, batch in train_loader.iterate(bins, epoch, env.rank, progress["step_in_epoch"]):
+            result = train_step(model, batch, optimizer, scheduler, args, env)
+            now = time.perf_counter()
+            m = summarize(result["sums"], args.ttt_steps, args.ttt_step_loss_decay)
+            tokens_per_s, tick = m["tokens"] / max(now - tick, 1e-9), now
+            epoch_supervised += m["supervised_tokens"]
+            progress.update(step_in_epoch=step + 1, global_step=progress["global_step"] + 1)
+            if result["skipped"]:
+                progress["skipped_steps"] += 1
+                nonfinite_in_a_row += 1
+                files = [train_loader.ref(i).path.name for i in bins[step]]
+                log.warning("step %d: NaN/inf loss or gradient, skipped (samples %s)",
+                            progress["global_step"], files)  # fmt: skip
+                if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                    raise SpeculatorsError(
+                        args.work_dir,
+                        f"{nonfinite_in_a_row} steps in a row had NaN/inf loss or gradients"
+                        " (diverged or corrupt hidden states); lower --lr or check the data",
+                    )
+            else:
+                nonfinite_in_a_row = 0
+            metrics.write({
+                "split": "train", "epoch": epoch, "step": progress["global_step"],
+                "lr": result["lr"], "loss": m["loss"], "loss_k": m["loss_k"],
+                "full_acc": m["full_acc"], "cond_acc": m["cond_acc"],
+                "acceptance_length_estimate": m["acceptance_length_estimate"],
+                "tokens_per_s": tokens_per_s, "grad_norm": result["grad_norm"],
+            })  # fmt: skip
+            bar.set_postfix_str(
+                f"loss {m['loss']:.3f} acc {' '.join(f'{a:.2f}' for a in m['full_acc'])}"
+                f" {tokens_per_s:,.0f} tok/s"
+            )
+            bar.update(1)
+            last_of_epoch = step + 1 == len(bins)
+            if progress["global_step"] % args.checkpoint_every == 0 and not last_of_epoch:
+                progress["wall_time_s"] = time.perf_counter() - started
+                ckpt.save(model, optimizer, scheduler, progress)
+        bar.close()
+        if epoch_supervised == 0 and epoch_started_at == 0:  # sums are global: same on all ranks
+            raise SpeculatorsError(
+                args.data[0], "no supervised tokens in the training split (all loss masks 0)"
+            )
+
+        # -- end of epoch: validate, keep the best, checkpoint --------------------------------
+        val = evaluate(model, val_loader, val_bins, args, env)
+        if val is not None:
+            metrics.write({"split": "val", "epoch": epoch, "step": progress["global_step"],
+                           "lr": scheduler.get_last_lr()[0], **val, "tokens_per_s": None})  # fmt: skip
+            log.info("epoch %d validation: loss %.4f, full_acc %s, acceptance length ~%.2f",
+                     epoch, val["loss"], [round(a, 3) for a in val["full_acc"]],
+                     val["acceptance_length_estimate"])  # fmt: skip
+        val_loss = val["loss"] if val is not None else -float(epoch)  # no val: the last is best
+        if val_loss < progress["best_val_loss"]:
+            progress.update(best_val_loss=val_loss, best_epoch=epoch)
+            ckpt.save_best(model)
+        progress.update(epoch=epoch + 1, step_in_epoch=0)
+        progress["wall_time_s"] = time.perf_counter() - started
+        ckpt.save(model, optimizer, scheduler, progress)
+
+    # -- publish the best weights, last and atomically ----------------------------------------
+    metrics.close()
+    if env.is_main:
+        summary = {
+            "steps": progress["global_step"],
+            "epochs": args.epochs,
+            "samples": {"train": len(train_idx), "val": len(val_idx)},
+            "world_size": world,
+            "truncated_samples_per_epoch": plans[0].truncated,
+            "padding_only_bins": sum(p.empty_bins for p in plans),
+            "skipped_steps": progress["skipped_steps"],
+            "dropped_samples": 0,
+            "best_epoch": progress["best_epoch"],
+            "best_val_loss": progress["best_val_loss"] if val_idx else None,
+            "wall_time_s": round(progress["wall_time_s"], 1),
+        }
+        publish(args, target, data, d2t, t2d, tcfg, summary)
+    distributed.barrier(env)
+
+
+def publish(args, target: Path, data, d2t, t2d, tcfg: dict, summary: dict) -> None:
+    """`--output`: the best weights in the speculators format, metrics.jsonl, train_summary.json."""
+    from speculators.models.io import save_draft
+
+    model = build_model(args, target, data, d2t, t2d)
+    best = torch.load(args.work_dir / "best_model.pt", weights_only=True)
+    load_trainable_state_dict(model, best, full=True)
+    with atomic_path(args.output, is_dir=True) as tmp:
+        save_draft(
+            model,
+            tmp,
+            verifier_name_or_path=str(args.target),
+            verifier_architectures=tcfg.get("architectures") or [],
+        )
+        (tmp / "metrics.jsonl").write_text((args.work_dir / "metrics.jsonl").read_text())
+        write_json(tmp / "train_summary.json", summary)
+    log.info("published %s (best epoch %s)", args.output, summary["best_epoch"])

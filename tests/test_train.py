@@ -1,0 +1,231 @@
+"""The `train` stage on tiny fixtures: it learns, publishes a draft that reloads, resumes
+exactly after a crash, and refuses bad input with a clear error."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from train_fixtures import write_hidden_states, write_random_states, write_vocab
+
+from speculators.cli import build_parser
+from speculators.errors import SpeculatorsError
+from speculators.train import trainer
+
+DRAFT_VOCAB = 128
+# DCP says it runs without a process group: intended for single-process runs.
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+
+@pytest.fixture(scope="session")
+def chat_states(tiny_llama, tmp_path_factory):
+    """The tiny target's real hidden states on the fixture chats, and a vocab from them."""
+    root = tmp_path_factory.mktemp("chat-states")
+    data = write_hidden_states(root / "hs", tiny_llama, n=12)
+    vocab = json.loads((tiny_llama / "config.json").read_text())["vocab_size"]
+    d2t, t2d = write_vocab(root / "vocab", vocab, DRAFT_VOCAB, data)
+    return data, d2t, t2d
+
+
+def parse(*argv):
+    argv = ["train", *map(str, argv)]
+    parser, _ = build_parser(argv)
+    return parser.parse_args(argv)
+
+
+def train_args(target, data, d2t, t2d, out, *extra):
+    return parse(
+        "--target", target, "--data", *([data] if not isinstance(data, list) else data),
+        "--d2t", d2t, "--t2d", t2d, "--output", out / "draft", "--work-dir", out / "work",
+        "--total-seq-len", 256, "--lr", 1e-3, "--epochs", 3, "--loggers", *extra,
+    )  # fmt: skip
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_loss_falls_and_published_draft_reloads(tiny_llama, chat_states, tmp_path):
+    from speculators.models.io import load_draft
+
+    data, d2t, t2d = chat_states
+    args = train_args(tiny_llama, data, d2t, t2d, tmp_path, "tensorboard", "--epochs", 6)
+    trainer.run(args)
+    draft = tmp_path / "draft"
+    recs = records(draft / "metrics.jsonl")
+    train = [r for r in recs if r["split"] == "train"]
+    val = [r for r in recs if r["split"] == "val"]
+    assert len(val) == 6 and [r["epoch"] for r in val] == list(range(6))
+    assert [r["step"] for r in train] == list(range(1, len(train) + 1))
+    for r in recs:
+        assert len(r["loss_k"]) == len(r["full_acc"]) == len(r["cond_acc"]) == 3
+        assert all(math.isfinite(x) for x in r["loss_k"])
+        assert r["acceptance_length_estimate"] == pytest.approx(1 + sum(r["full_acc"]))
+    # Learns: validation loss at the end well under the first epoch's, train loss too.
+    assert val[-1]["loss"] < 0.8 * val[0]["loss"]
+    assert sum(r["loss"] for r in train[-3:]) < 0.5 * sum(r["loss"] for r in train[:3])
+    summary = json.loads((draft / "train_summary.json").read_text())
+    assert summary["steps"] == len(train) and summary["skipped_steps"] == 0
+    assert summary["samples"] == {"train": 11, "val": 1} and summary["dropped_samples"] == 0
+    best = min(val, key=lambda r: r["loss"])
+    assert summary["best_epoch"] == best["epoch"]
+    assert (tmp_path / "work" / "tensorboard").is_dir()
+
+    # The published weights are the best epoch's, and load back through load_draft.
+    model = load_draft(draft)
+    best_state = torch.load(tmp_path / "work" / "best_model.pt", weights_only=True)
+    own = model.state_dict()
+    for name in ("fc.weight", "layers.0.self_attn.q_proj.weight", "lm_head.weight"):
+        assert torch.equal(own[name], best_state[name].to(torch.bfloat16).float()), name
+    cfg = json.loads((draft / "config.json").read_text())
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
+    assert cfg["draft_vocab_size"] == DRAFT_VOCAB
+    assert cfg["speculators_config"]["verifier"]["name_or_path"] == str(tiny_llama)
+    assert not list(tmp_path.glob(".draft.*"))  # no temporary folder left behind
+
+
+def test_two_layer_draft_trains_without_nan(tiny_llama, chat_states, tmp_path):
+    data, d2t, t2d = chat_states
+    trainer.run(train_args(tiny_llama, data, d2t, t2d, tmp_path, "--num-layers", 2,
+                           "--ttt-steps", 4, "--epochs", 2, "--norm-before-fc"))  # fmt: skip
+    recs = records(tmp_path / "draft" / "metrics.jsonl")
+    assert all(math.isfinite(v) for r in recs for v in r["loss_k"])
+    assert all(len(r["loss_k"]) == 4 for r in recs)
+    cfg = json.loads((tmp_path / "draft" / "config.json").read_text())
+    assert cfg["transformer_layer_config"]["num_hidden_layers"] == 2
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_resume_mid_epoch_reproduces_uninterrupted_run(tiny_llama, chat_states, tmp_path,
+                                                       monkeypatch):  # fmt: skip
+    data, d2t, t2d = chat_states
+    extra = ("--checkpoint-every", 3, "--noise", 0.05)
+    trainer.run(train_args(tiny_llama, data, d2t, t2d, tmp_path / "full", *extra))
+
+    # 4 + 4 + 5 steps; checkpoints after steps 3, 4 (epoch end) and 6 (mid epoch 1). A crash
+    # in step 8 leaves step 7 logged but not checkpointed; the rerun resumes after step 6.
+    real_step, calls = trainer.train_step, []
+
+    def crashing_step(*a, **kw):
+        calls.append(1)
+        if len(calls) == 8:
+            raise Crash("killed")
+        return real_step(*a, **kw)
+
+    def counting_step(*a, **kw):
+        calls.append(1)
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(trainer, "train_step", crashing_step)
+    args = train_args(tiny_llama, data, d2t, t2d, tmp_path / "resumed", *extra)
+    with pytest.raises(Crash):
+        trainer.run(args)
+    assert not (tmp_path / "resumed" / "draft").exists()  # nothing published on a crash
+    calls.clear()
+    monkeypatch.setattr(trainer, "train_step", counting_step)
+    trainer.run(args)
+
+    full = records(tmp_path / "full" / "draft" / "metrics.jsonl")
+    resumed = records(tmp_path / "resumed" / "draft" / "metrics.jsonl")
+    assert sum(r["split"] == "train" for r in full) == 13
+    assert len(calls) == 13 - 6  # it continued mid-epoch rather than starting over
+    drop = ("tokens_per_s",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in drop} for r in full
+    ]
+    a = torch.load(tmp_path / "full" / "work" / "best_model.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "work" / "best_model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_other_settings_is_refused(tiny_llama, chat_states, tmp_path):
+    data, d2t, t2d = chat_states
+    trainer.run(train_args(tiny_llama, data, d2t, t2d, tmp_path, "--epochs", 1))
+    with pytest.raises(SpeculatorsError, match=r"checkpoint.*lr: 0.001 -> 0.002"):
+        trainer.run(train_args(tiny_llama, data, d2t, t2d, tmp_path, "--epochs", 1,
+                               "--lr", 2e-3))  # fmt: skip
+
+
+def test_hidden_states_of_another_width_are_refused(tiny_llama, chat_states, tmp_path):
+    _, d2t, t2d = chat_states
+    data = write_random_states(tmp_path / "hs", tiny_llama, [20, 30], hidden_size=64)
+    with pytest.raises(SpeculatorsError, match=r"data_config.json: hidden_size 64 != .* 128"):
+        trainer.run(train_args(tiny_llama, data, d2t, t2d, tmp_path))
+
+
+def test_sample_file_that_disagrees_with_data_config_is_named(tiny_llama, chat_states, tmp_path):
+    _, d2t, t2d = chat_states
+    data = write_random_states(tmp_path / "hs", tiny_llama, [20, 30, 25, 22])
+    bad = write_random_states(tmp_path / "other", tiny_llama, [20], layer_ids=(2, 4))
+    (bad / "data_0.pt").replace(data / "data_2.pt")  # 2 states where 4 are expected
+    with pytest.raises(SpeculatorsError, match=r"data_2.pt: 2 hidden-state tensors"):
+        trainer.run(train_args(tiny_llama, data, d2t, t2d, tmp_path, "--val-fraction", 0))
+
+
+def test_vocab_mapping_of_another_vocab_size_is_refused(tiny_llama, chat_states, tmp_path):
+    data, _, _ = chat_states
+    d2t, t2d = write_vocab(tmp_path / "vocab", 500, DRAFT_VOCAB)
+    with pytest.raises(SpeculatorsError, match=r"t2d.npy: 500 entries != the target's vocab"):
+        trainer.run(train_args(tiny_llama, data, d2t, t2d, tmp_path))
+
+
+def test_all_masked_dataset_is_refused(tiny_llama, chat_states, tmp_path):
+    _, d2t, t2d = chat_states
+    data = write_random_states(tmp_path / "hs", tiny_llama, [20, 30], masked=False)
+    with pytest.raises(SpeculatorsError, match="no supervised tokens"):
+        trainer.run(train_args(tiny_llama, data, d2t, t2d, tmp_path))
+
+
+def test_empty_dataset_is_refused(tiny_llama, chat_states, tmp_path):
+    _, d2t, t2d = chat_states
+    data = write_random_states(tmp_path / "hs", tiny_llama, [])
+    with pytest.raises(SpeculatorsError, match="no samples"):
+        trainer.run(train_args(tiny_llama, data, d2t, t2d, tmp_path))
+
+
+def _poison(folder, idx):
+    path = folder / f"data_{idx}.pt"
+    sample = torch.load(path, weights_only=True)
+    sample["hidden_states"][0][3, 5] = float("nan")
+    torch.save(sample, path)
+
+
+def test_nan_batch_is_skipped_and_counted(tiny_llama, chat_states, tmp_path):
+    _, d2t, t2d = chat_states
+    data = write_random_states(tmp_path / "hs", tiny_llama, [40] * 8)
+    _poison(data, 0)
+    # One sample per step (budget 40), no validation: the poisoned step is skipped each epoch.
+    args = train_args(tiny_llama, data, d2t, t2d, tmp_path, "--val-fraction", 0,
+                      "--total-seq-len", 40, "--epochs", 2)  # fmt: skip
+    trainer.run(args)
+    summary = json.loads((tmp_path / "draft" / "train_summary.json").read_text())
+    assert summary["skipped_steps"] == 2 and summary["steps"] == 16
+
+
+def test_training_stops_when_every_step_is_nan(tiny_llama, chat_states, tmp_path):
+    _, d2t, t2d = chat_states
+    data = write_random_states(tmp_path / "hs", tiny_llama, [40] * 6)
+    for i in range(6):
+        _poison(data, i)
+    args = train_args(tiny_llama, data, d2t, t2d, tmp_path, "--val-fraction", 0,
+                      "--total-seq-len", 40, "--epochs", 3)  # fmt: skip
+    with pytest.raises(SpeculatorsError, match="10 steps in a row had NaN/inf"):
+        trainer.run(args)
+    assert not (tmp_path / "draft").exists()
+
+
+def test_cli_defaults_match_the_config_schema():
+    from speculators.config import load_schema
+
+    schema = load_schema()["$defs"]["run"]["properties"]["train"]["properties"]
+    args = parse("--target", "t", "--data", "d", "--d2t", "a", "--t2d", "b", "--output", "o",
+                 "--work-dir", "w")  # fmt: skip
+    for key, spec in schema.items():
+        if key in ("gpus", "nodes"):  # reach the CLI as --nproc-per-node / --nnodes
+            continue
+        assert getattr(args, key) == spec["default"], key
