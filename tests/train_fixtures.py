@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from fixtures import sample_conversations
+
 from speculators.hidden_states.store import SampleStore
 
 
