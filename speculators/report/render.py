@@ -1,0 +1,355 @@
+"""`speculators report`: a run's benchmark report (HTML + Markdown twin) and its summary JSON.
+
+Sections: summary, settings and provenance, wall time and memory, data, training, acceptance.
+Every input is an explicit path; whatever is missing is shown as a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import platform
+from pathlib import Path
+
+from speculators.fileio import write_json, write_text
+from speculators.report import plots
+from speculators.report.document import Section, to_html, to_markdown
+from speculators.report.inputs import STAGE_ORDER, RunInputs, gather
+
+# Relative gap in acceptance length between the two evaluators that the report flags.
+DISAGREEMENT = 0.10
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-name", required=True)
+    p.add_argument("--run-config", help="the run's config section as JSON (shown as settings)")
+    p.add_argument(
+        "--prepared-stats", nargs="*", default=[], help="prepared/<dataset>/stats.json files"
+    )
+    p.add_argument(
+        "--data-config", nargs="*", default=[], help="hidden_states/<dataset>/data_config.json"
+    )
+    p.add_argument(
+        "--draft", help="trained draft folder (config.json, metrics.jsonl, train_summary.json)"
+    )
+    p.add_argument(
+        "--eval", nargs="*", default=[], help="eval JSON files (inprocess.json, vllm.json)"
+    )
+    p.add_argument("--benchmarks-dir", help="Snakemake benchmark folder (benchmarks/)")
+    p.add_argument(
+        "--hidden-states", nargs="*", default=[], help="hidden-state folders, for their size"
+    )
+    p.add_argument("--output-html", required=True, type=Path)
+    p.add_argument("--output-md", required=True, type=Path)
+    p.add_argument("--output-summary", type=Path, help="summary JSON read by `speculators compare`")
+
+
+def _versions() -> str:
+    out = []
+    for name in ("speculators", "torch", "transformers", "datasets", "snakemake", "vllm"):
+        try:
+            out.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return ", ".join(out)
+
+
+def _first(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def _notes(section: Section, inputs: RunInputs, key: str) -> None:
+    for text in inputs.notes.get(key, []):
+        section.note(text)
+
+
+def _eval_rows(inputs: RunInputs) -> dict[str, list[dict]]:
+    return {
+        b: sorted(e.get("results") or [], key=lambda r: r["k"]) for b, e in inputs.evals.items()
+    }
+
+
+def disagreements(inputs: RunInputs) -> list[str]:
+    """K values where transformers and vLLM acceptance lengths differ by more than DISAGREEMENT."""
+    rows = _eval_rows(inputs)
+    ours = {r["k"]: r["acceptance_length"] for r in rows.get("transformers", [])}
+    theirs = {r["k"]: r["acceptance_length"] for r in rows.get("vllm", [])}
+    out = []
+    for k in sorted(set(ours) & set(theirs)):
+        a, b = ours[k], theirs[k]
+        if abs(a - b) > DISAGREEMENT * max(a, b):
+            out.append(f"K={k}: transformers {a:.3f} vs vLLM {b:.3f}")
+    return out
+
+
+def _val_records(inputs: RunInputs) -> list[dict]:
+    return [m for m in inputs.metrics if m.get("split") == "val"]
+
+
+# ---------------------------------------------------------------- sections
+
+
+def summary_section(inputs: RunInputs) -> Section:
+    s = Section("Summary")
+    rows = _eval_rows(inputs)
+    headline = []
+    for backend, results in rows.items():
+        for r in results:
+            headline.append([backend, r["k"], r["acceptance_length"], r.get("speedup")])
+    if headline:
+        s.table(["evaluator", "K", "acceptance length", "speed-up"], headline)
+    else:
+        s.note("No acceptance measurement available yet.")
+    val = _val_records(inputs)
+    if val and val[-1].get("acceptance_length_estimate") is not None:
+        s.text(
+            "Training's own estimate on the validation split (1 + sum of per-step full accuracy, "
+            f"last epoch): {val[-1]['acceptance_length_estimate']:.3f}. Measured values above come "
+            "from real decoding with the target."
+        )
+    for d in disagreements(inputs):
+        s.flag(f"The evaluators disagree by more than {DISAGREEMENT:.0%}: {d}.")
+    return s
+
+
+def provenance_section(inputs: RunInputs) -> Section:
+    s = Section("Settings and provenance")
+    dc = next(iter(inputs.data_configs.values()), {})
+    draft = inputs.draft_config or {}
+    layer = draft.get("transformer_layer_config") or {}
+    verifier = (draft.get("speculators_config") or {}).get("verifier") or {}
+    methods = (draft.get("speculators_config") or {}).get("proposal_methods") or [{}]
+    tgt = dc.get("target") or {}
+    ev = next(iter(inputs.evals.values()), {})
+    datasets = ", ".join(
+        f"{name} ({st.get('rows_out', '?')} rows, {st.get('conversations_out', '?')} conversations)"
+        for name, st in inputs.prepared.items()
+    )
+    kv = [
+        ("run", inputs.run),
+        ("target", _first(inputs.run_config.get("target"), tgt.get("path"), verifier.get("name_or_path"))),
+        ("target path", _first(tgt.get("path"), verifier.get("name_or_path"))),
+        ("target hidden size / layers", f"{_first(tgt.get('hidden_size'), layer.get('hidden_size'))} / {tgt.get('num_hidden_layers', '?')}"),
+        ("target vocab size", _first(tgt.get("vocab_size"), layer.get("vocab_size"))),
+        ("draft vocab size", draft.get("draft_vocab_size")),
+        ("datasets", datasets or None),
+        ("hidden-state layer ids", dc.get("layer_ids")),
+        ("draft aux layer ids", draft.get("eagle_aux_hidden_state_layer_ids")),
+        ("draft decoder layers", layer.get("num_hidden_layers")),
+        ("ttt_steps (speculative tokens)", methods[0].get("speculative_tokens")),
+        ("hidden-states backend / device", f"{dc.get('backend', '?')} / {dc.get('device', '?')}" if dc else None),
+        ("evaluation device", ", ".join(f"{b}: {e.get('device')}" for b, e in inputs.evals.items() if e.get("device")) or None),
+        ("evaluation", f"{ev.get('num_prompts')} prompts, {ev.get('max_new_tokens')} new tokens, temperature {ev.get('temperature')}" if ev else None),
+        ("package versions (hidden states)", ", ".join(f"{k} {v}" for k, v in (dc.get("package_versions") or {}).items() if v) or None),
+        ("package versions (report)", _versions()),
+        ("report machine", f"{platform.node()} ({platform.machine()}, Python {platform.python_version()})"),
+    ]  # fmt: skip
+    s.table(["setting", "value"], [[k, v] for k, v in kv])
+    if inputs.run_config:
+        s.text("The run's configuration (after defaults):")
+        s.table(["key", "value"], [[k, v] for k, v in _flatten(inputs.run_config)])
+    _notes(s, inputs, "provenance")
+    return s
+
+
+def _flatten(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def time_section(inputs: RunInputs) -> Section:
+    s = Section("Wall time and memory")
+    if inputs.benchmarks:
+        s.text("From Snakemake's benchmark files (one row per job; max_rss in MB).")
+        s.table(
+            ["stage", "rule", "job", "wall s", "h:m:s", "max RSS MB", "CPU s"],
+            [
+                [b["stage"], b["rule"], b["job"], b["s"], b["hms"], b["max_rss"], b["cpu_time"]]
+                for b in inputs.benchmarks
+            ],
+        )
+        per_stage: dict[str, float] = {}
+        for b in inputs.benchmarks:
+            per_stage[b["stage"]] = per_stage.get(b["stage"], 0.0) + (b["s"] or 0.0)
+        order = sorted(per_stage, key=lambda st: STAGE_ORDER.index(st) if st in STAGE_ORDER else 99)
+        rows = [[st, round(per_stage[st], 1)] for st in order]
+        rows.append(["total (sum of jobs)", round(sum(per_stage.values()), 1)])
+        s.table(["stage", "wall s"], rows)
+    _notes(s, inputs, "time")
+    return s
+
+
+def data_section(inputs: RunInputs) -> Section:
+    s = Section("Data")
+    keys = ["rows_in", "rows_out", "conversations_out", "tokens", "supervised_tokens", "mean_length",
+            "max_length", "seq_length", "eval_prompts", "template_mode"]  # fmt: skip
+    if inputs.prepared:
+        s.table(
+            ["dataset", *keys],
+            [[name, *(st.get(k) for k in keys)] for name, st in inputs.prepared.items()],
+        )
+        drops = [
+            [n, k, v]
+            for n, st in inputs.prepared.items()
+            for k, v in (st.get("dropped") or {}).items()
+        ]
+        if drops:
+            s.table(["dataset", "dropped because", "rows"], drops)
+    _notes(s, inputs, "data")
+    if inputs.data_configs:
+        rows = []
+        for name, dc in inputs.data_configs.items():
+            data = dc.get("data") or {}
+            width = len(dc.get("layer_ids") or []) * (
+                (dc.get("target") or {}).get("hidden_size") or 0
+            )
+            expected = (data.get("total_tokens") or 0) * width * DTYPE_BYTES.get(dc.get("dtype"), 2)
+            rows.append([name, data.get("num_samples"), data.get("total_tokens"), data.get("num_loss_tokens"),
+                         dc.get("dtype"), round(expected / 2**20, 1)])  # fmt: skip
+        s.text("Hidden states captured for training:")
+        s.table(
+            [
+                "dataset",
+                "samples",
+                "tokens",
+                "loss tokens",
+                "dtype",
+                "states MiB (tokens x layers x H)",
+            ],
+            rows,
+        )
+    sizes = [
+        [p, round(b / 2**20, 1) if b is not None else "deleted (cleanup_hidden_states)"]
+        for p, b in inputs.hidden_states_bytes.items()
+    ]
+    if sizes:
+        s.table(["hidden-states folder", "size on disk MiB"], sizes)
+    return s
+
+
+def training_section(inputs: RunInputs) -> Section:
+    s = Section("Training")
+    if inputs.train_summary:
+        s.table(["quantity", "value"], [[k, v] for k, v in _flatten(inputs.train_summary)])
+    val = _val_records(inputs)
+    if val:
+        s.table(
+            [
+                "epoch",
+                "step",
+                "val loss",
+                "full acc per step",
+                "cond acc per step",
+                "acceptance estimate",
+            ],
+            [
+                [
+                    m.get("epoch"),
+                    m.get("step"),
+                    m.get("loss"),
+                    m.get("full_acc"),
+                    m.get("cond_acc"),
+                    m.get("acceptance_length_estimate"),
+                ]
+                for m in val
+            ],  # fmt: skip
+        )
+    png = plots.training_curves(inputs.metrics)
+    if png:
+        s.image(png, "training loss and per-step accuracy")
+    _notes(s, inputs, "training")
+    return s
+
+
+def acceptance_section(inputs: RunInputs) -> Section:
+    s = Section("Acceptance")
+    s.text(
+        "Acceptance length = tokens emitted per target verification step, bonus token included "
+        "(vLLM's 1 + accepted/drafts). Per-position rate i = drafts whose first i+1 tokens were "
+        "accepted / all drafts."
+    )
+    headers = ["evaluator", "K", "acceptance length", "per-position acceptance", "drafts", "accepted / draft tokens",
+               "tokens/s", "baseline tokens/s", "speed-up", "greedy mismatches"]  # fmt: skip
+    table = []
+    for backend, ev in inputs.evals.items():
+        if ev.get("skipped"):
+            s.note(f"{backend} evaluator skipped: {ev['skipped']}")
+        for r in sorted(ev.get("results") or [], key=lambda r: r["k"]):
+            table.append([backend, r["k"], r["acceptance_length"], r.get("per_position_acceptance"), r.get("drafts"),
+                          f"{r.get('accepted_tokens')} / {r.get('draft_tokens')}", r.get("tokens_per_s"),
+                          r.get("baseline_tokens_per_s"), r.get("speedup"), r.get("greedy_mismatches")])  # fmt: skip
+    if table:
+        s.table(headers, table)
+    if "vllm" not in inputs.evals:
+        s.note("No vLLM measurement: the vLLM evaluator did not run for this report.")
+    for d in disagreements(inputs):
+        s.flag(
+            f"Large disagreement between evaluators ({d}); check the aux layer ids and the chat template."
+        )
+    for ev in inputs.evals.values():
+        if ev.get("truncated_prompts"):
+            s.note(
+                f"{ev['backend']}: {ev['truncated_prompts']} prompts were longer than the context and truncated."
+            )
+        if any(r.get("greedy_mismatches") for r in ev.get("results") or []):
+            s.flag(
+                f"{ev['backend']}: greedy output with drafting differed from plain greedy output (see table)."
+            )
+    measured = {b: e for b, e in inputs.evals.items() if e.get("results")}
+    for fn, alt in ((plots.acceptance_vs_k, "acceptance length vs K"), (plots.per_position, "per-position acceptance"),
+                    (plots.speedup, "speed-up")):  # fmt: skip
+        png = fn(measured)
+        if png:
+            s.image(png, alt)
+    _notes(s, inputs, "acceptance")
+    return s
+
+
+def build_sections(inputs: RunInputs) -> list[Section]:
+    return [summary_section(inputs), provenance_section(inputs), time_section(inputs),
+            data_section(inputs), training_section(inputs), acceptance_section(inputs)]  # fmt: skip
+
+
+def run_summary(inputs: RunInputs, report_path: Path) -> dict:
+    """The few numbers the comparison page shows for this run."""
+    draft = inputs.draft_config or {}
+    layer = draft.get("transformer_layer_config") or {}
+    methods = (draft.get("speculators_config") or {}).get("proposal_methods") or [{}]
+    val = _val_records(inputs)
+    rows = _eval_rows(inputs)
+    return {
+        "run": inputs.run,
+        "report": str(report_path),
+        "target": inputs.run_config.get("target"),
+        "datasets": {n: st.get("rows_out") for n, st in inputs.prepared.items()},
+        "num_layers": layer.get("num_hidden_layers"),
+        "ttt_steps": methods[0].get("speculative_tokens"),
+        "draft_vocab_size": draft.get("draft_vocab_size"),
+        "aux_layer_ids": draft.get("eagle_aux_hidden_state_layer_ids"),
+        "epochs": (inputs.train_summary or {}).get("epochs"),
+        "train_wall_time_s": (inputs.train_summary or {}).get("wall_time_s"),
+        "val_loss": val[-1].get("loss") if val else None,
+        "acceptance_length_estimate": val[-1].get("acceptance_length_estimate") if val else None,
+        "acceptance_length": {
+            b: {str(r["k"]): r["acceptance_length"] for r in rs} for b, rs in rows.items() if rs
+        },
+        "speedup": {b: {str(r["k"]): r.get("speedup") for r in rs} for b, rs in rows.items() if rs},
+        "skipped": {b: e["skipped"] for b, e in inputs.evals.items() if e.get("skipped")},
+        "total_wall_s": round(sum(b["s"] or 0 for b in inputs.benchmarks), 1)
+        if inputs.benchmarks
+        else None,
+    }
+
+
+def run(args: argparse.Namespace) -> None:
+    inputs = gather(args)
+    sections = build_sections(inputs)
+    title = f"Speculator benchmark report: {inputs.run}"
+    write_text(args.output_html, to_html(title, sections))
+    write_text(args.output_md, to_markdown(title, sections))
+    if args.output_summary:
+        write_json(args.output_summary, run_summary(inputs, args.output_html))
