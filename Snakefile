@@ -9,9 +9,16 @@ min_version("9.12")
 configfile: "config/config.yaml"
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/assets.smk"
 include: "rules/prepare.smk"
+include: "rules/hidden_states.smk"
+include: "rules/vocab.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
 
 
 localrules:

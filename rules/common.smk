@@ -1,4 +1,5 @@
 # Config validation and the helper functions the stage rules use; no rules here.
+import json
 import re
 import shlex
 from pathlib import Path
@@ -128,9 +129,81 @@ def prepared_token_freqs(wildcards):
     return [f"results/{run}/prepared/{d}/token_freq.pt" for d in RUNS[run]["datasets"]]
 
 
+def layer_ids_flag(wildcards):
+    """`--layer-ids ...` of a run's hidden_states.layer_ids; nothing for the default (null)."""
+    ids = RUNS[wildcards.run]["hidden_states"]["layer_ids"]
+    return "" if ids is None else "--layer-ids " + " ".join(str(i) for i in ids)
+
+
+def vllm_python_flag(wildcards):
+    """`--vllm-python` when the config names the vLLM environment's interpreter."""
+    return _flag("--vllm-python", config["vllm_python"])
+
+
+def hidden_states_configs(run):
+    """data_config.json of each dataset of a run (the samples sit beside it)."""
+    return [f"results/{run}/hidden_states/{d}/data_config.json" for d in RUNS[run]["datasets"]]
+
+
+def vocab_files(run):
+    """A run's d2t.npy and t2d.npy; the draft vocab size is part of the path."""
+    size = RUNS[run]["vocab"]["draft_vocab_size"]
+    return [f"results/{run}/vocab/{size}/d2t.npy", f"results/{run}/vocab/{size}/t2d.npy"]
+
+
+def eval_prompt_files(wildcards):
+    """Evaluation prompts: the run's prompts_file, else each dataset's held-out rows."""
+    run = wildcards.run
+    own = RUNS[run]["evaluate"]["prompts_file"]
+    if own is not None:
+        return [own]
+    return [f"results/{run}/prepared/{d}/eval_prompts.jsonl" for d in RUNS[run]["datasets"]]
+
+
+def eval_ks(wildcards):
+    """Draft lengths to measure, space-separated: evaluate.k, else [train.ttt_steps]."""
+    run = RUNS[wildcards.run]
+    ks = run["evaluate"]["k"] or [run["train"]["ttt_steps"]]
+    return " ".join(str(k) for k in ks)
+
+
+def eval_device(wildcards):
+    return "cuda" if RUNS[wildcards.run]["evaluate"]["gpus"] > 0 else "cpu"
+
+
+def eval_results(wildcards):
+    """Eval JSONs a run's report reads: in-process, plus vLLM's unless evaluate.vllm is off."""
+    run = wildcards.run
+    out = [f"results/{run}/eval/inprocess.json"]
+    if hasattr(rules, "evaluate_vllm") and RUNS[run]["evaluate"]["vllm"] != "off":
+        out.append(f"results/{run}/eval/vllm.json")
+    return out
+
+
+def prepared_stats(wildcards):
+    run = wildcards.run
+    return [f"results/{run}/prepared/{d}/stats.json" for d in RUNS[run]["datasets"]]
+
+
+def run_data_configs(wildcards):
+    return hidden_states_configs(wildcards.run)
+
+
+def hidden_states_dirs(wildcards):
+    """Hidden-state folders, only measured by the report (they may have been cleaned up)."""
+    return [f"results/{wildcards.run}/hidden_states/{d}" for d in RUNS[wildcards.run]["datasets"]]
+
+
+def run_config_json(wildcards):
+    """The run's validated config section, shown in its report as settings."""
+    return json.dumps(RUNS[wildcards.run], sort_keys=True)
+
+
 def final_outputs():
     """What `snakemake` with no target builds: each run's furthest stage."""
     outputs = [f"resources/models/{m}" for m in GGUF_MODELS]
     outputs += [f"resources/datasets/{d}.jsonl" for d in CHITCHAT_DATASETS]
     outputs += [f"results/{run}/prepared/token_freq.pt" for run in RUNS]
+    for run in RUNS:
+        outputs += hidden_states_configs(run) + vocab_files(run)
     return outputs

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import importlib.util
 import logging
+import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM backend only")
     p.add_argument("--data-parallel-size", type=int, default=1, help="vLLM backend only")
+    p.add_argument(
+        "--vllm-python",
+        default=None,
+        help="interpreter of the vLLM environment (default: .venv-vllm/bin/python)",
+    )
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -286,13 +293,8 @@ def capture_transformers(
 
 
 def _capture_vllm(args, ds, todo, store) -> str:
-    try:
-        from speculators.vllm import hidden_states as vllm_hidden_states
-    except ImportError as e:
-        raise SpeculatorsError(
-            "--backend vllm",
-            f"the vLLM backend is not available here ({e}); use the vLLM environment",
-        ) from None
+    from speculators.vllm import hidden_states as vllm_hidden_states
+
     return vllm_hidden_states.capture(
         args.target,
         ds,
@@ -303,9 +305,43 @@ def _capture_vllm(args, ds, todo, store) -> str:
     )
 
 
+def _vllm_python(args) -> str:
+    """The vLLM environment's interpreter: --vllm-python, else the repository's .venv-vllm."""
+    if args.vllm_python:
+        return args.vllm_python
+    default = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
+    if not default.exists():
+        raise SpeculatorsError(
+            "--backend vllm",
+            "vLLM is not installed in this Python and there is no .venv-vllm"
+            " (bash scripts/install.sh vllm, or pass --vllm-python)",
+        )
+    return str(default)
+
+
+def _run_in_vllm_env(args) -> None:
+    """vLLM pins its own torch, so it lives in another environment: rerun this command there."""
+    python = _vllm_python(args)
+    argv = [python, "-m", "speculators.cli", "hidden-states", "--target", str(args.target)]
+    argv += ["--prepared", str(args.prepared), "--output", str(args.output)]
+    if args.layer_ids is not None:
+        argv += ["--layer-ids", *map(str, args.layer_ids)]
+    argv += ["--dtype", args.dtype, "--backend", "vllm", "--device", args.device]
+    argv += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
+    argv += ["--data-parallel-size", str(args.data_parallel_size)]
+    log.info("running the vLLM backend with %s", python)
+    returncode = subprocess.run(argv).returncode
+    if returncode != 0:
+        raise SpeculatorsError(
+            "--backend vllm", f"capture in {python} failed (exit status {returncode})"
+        )
+
+
 def run(args: argparse.Namespace) -> None:
     if args.batch_tokens < 1:
         raise SpeculatorsError("--batch-tokens", "must be at least 1")
+    if args.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        return _run_in_vllm_env(args)
     dims = target_dims(args.target)
     layer_ids = resolve_layer_ids(args.layer_ids, dims["num_hidden_layers"])
     dtype = dtype_from_name(args.dtype)

@@ -275,6 +275,12 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
+def _program() -> str:
+    name = Path(sys.argv[0]).name
+    # `python -m speculators.cli` (the vLLM environment's rerun) is the same command.
+    return "speculators" if name in ("cli.py", "__main__.py") else name
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -301,7 +307,7 @@ def write_data_config(
     config = {
         "format_version": FORMAT_VERSION,
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": shlex.join([_program(), *sys.argv[1:]]),
         "package_versions": package_versions(),
         "backend": backend,
         "device": device,

@@ -1,0 +1,36 @@
+# Stage 2: the target's hidden states per prepared row (data_{i}.pt), then data_config.json.
+# Only data_config.json is declared: samples of a failed job survive and the rerun resumes.
+
+
+rule hidden_states_capture:
+    input:
+        prepared="results/{run}/prepared/{dataset}/dataset",
+        target=target_input,
+    output:
+        "results/{run}/hidden_states/{dataset}/data_config.json",
+    log:
+        "logs/hidden_states/capture/{run}/{dataset}.log",
+    benchmark:
+        "benchmarks/hidden_states/capture/{run}/{dataset}.tsv"
+    conda:
+        "../envs/main.yaml"
+    resources:
+        mem_mb=16000,
+        runtime=720,
+        gpu=stage_gpus("hidden_states"),
+    params:
+        target=target_of,
+        outdir=subpath(output[0], parent=True),
+        layer_ids=layer_ids_flag,
+        vllm_python=vllm_python_flag,
+        dtype=lookup(dpath="runs/{run}/hidden_states/dtype", within=config),
+        batch_tokens=lookup(dpath="runs/{run}/hidden_states/batch_tokens", within=config),
+        backend=lookup(dpath="runs/{run}/hidden_states/backend", within=config),
+        tp=lookup(dpath="runs/{run}/hidden_states/tensor_parallel_size", within=config),
+        dp=lookup(dpath="runs/{run}/hidden_states/data_parallel_size", within=config),
+    shell:
+        "speculators hidden-states --target {params.target:q} --prepared {input.prepared:q}"
+        " --output {params.outdir:q} {params.layer_ids} --dtype {params.dtype}"
+        " --batch-tokens {params.batch_tokens} --backend {params.backend}"
+        " --tensor-parallel-size {params.tp} --data-parallel-size {params.dp}"
+        " {params.vllm_python} > {log:q} 2>&1"
