@@ -1,5 +1,50 @@
 """vLLM backends: hidden-state capture, answer regeneration and the vLLM evaluator's engine code.
 
-Imported only inside the separate vLLM environment (`.venv-vllm`); the main environment never
-imports vLLM, it runs these modules through that interpreter (`speculators.vllm.runner`).
+The submodules import vLLM and run only in the separate vLLM environment (`.venv-vllm`); this
+file does not, so the main environment can locate that interpreter and hand work to it.
 """
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import speculators
+
+# Where `scripts/install.sh vllm` puts the environment, relative to the repository.
+REPO = Path(speculators.__file__).resolve().parent.parent
+DEFAULT_VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+
+
+def vllm_importable() -> bool:
+    """True when this interpreter can run the vLLM backends itself."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def find_vllm_python(configured: str | os.PathLike | None = None) -> Path | None:
+    """The vLLM interpreter: `configured`, else $SPECULATORS_VLLM_PYTHON, else .venv-vllm.
+
+    Returns None when the chosen candidate does not exist (a configured path is never
+    silently replaced by the default).
+    """
+    candidate = configured or os.environ.get("SPECULATORS_VLLM_PYTHON") or DEFAULT_VLLM_PYTHON
+    path = Path(candidate)
+    # No resolve(): a venv's python is a symlink to the base interpreter, which lacks vLLM.
+    return path if path.is_file() and os.access(path, os.X_OK) else None
+
+
+def run_in_vllm_python(python: str | os.PathLike, argv: list[str]) -> int:
+    """Run `speculators <argv>` with the vLLM interpreter; returns its exit status.
+
+    PYTHONPATH points at this checkout, so the vLLM environment runs the same code even if its
+    editable install came from another clone.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    cmd = [str(python), "-m", "speculators.cli", *argv]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return subprocess.run(cmd, env=env).returncode

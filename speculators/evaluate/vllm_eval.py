@@ -1,0 +1,175 @@
+"""`speculators evaluate-vllm`: acceptance length and speed-up of a draft served by vLLM.
+
+Runs in the main environment too: there it hands itself to the vLLM interpreter
+(`--vllm-python`, $SPECULATORS_VLLM_PYTHON or .venv-vllm), or, with that environment missing,
+writes the JSON with `"skipped": "<reason>"` (an error under `--require-vllm`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from speculators.errors import SpeculatorsError
+from speculators.fileio import write_json
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", required=True, help="target (verifier) model folder or HF id")
+    p.add_argument("--draft", required=True, type=Path, help="trained draft folder")
+    p.add_argument("--prompts", required=True, nargs="+", type=Path, help="prompt JSONL files")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument(
+        "--k", type=int, nargs="+", default=None, help="draft lengths (default: ttt_steps)"
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy acceptance")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True, type=Path, help="results/<run>/eval/vllm.json")
+    p.add_argument(
+        "--vllm-python",
+        default=None,
+        help="interpreter of the vLLM environment (default: $SPECULATORS_VLLM_PYTHON or"
+        " .venv-vllm/bin/python); used when this one cannot import vllm",
+    )
+    p.add_argument(
+        "--require-vllm",
+        action="store_true",
+        help="a missing vLLM environment is an error (default: write a skipped result)",
+    )
+
+
+def _forward_argv(args: argparse.Namespace) -> list[str]:
+    """The same command for the vLLM interpreter (which must not delegate again)."""
+    argv = ["evaluate-vllm", "--target", str(args.target), "--draft", str(args.draft)]
+    argv += ["--prompts", *map(str, args.prompts)]
+    argv += ["--num-prompts", str(args.num_prompts), "--max-new-tokens", str(args.max_new_tokens)]
+    if args.k:
+        argv += ["--k", *map(str, args.k)]
+    argv += ["--temperature", str(args.temperature), "--seed", str(args.seed)]
+    argv += ["--output", str(args.output), "--require-vllm"]
+    return argv
+
+
+def skipped_result(args: argparse.Namespace, reason: str) -> dict:
+    return {
+        "backend": "vllm",
+        "target": str(args.target),
+        "draft": str(args.draft),
+        "num_prompts": args.num_prompts,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "device": None,
+        "skipped": reason,
+        "results": [],
+    }
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("num_prompts", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise SpeculatorsError(f"--{name.replace('_', '-')}", "must be at least 1")
+    if args.temperature < 0:
+        raise SpeculatorsError("--temperature", "must be >= 0")
+    if args.k and min(args.k) < 1:
+        raise SpeculatorsError("--k", "draft lengths must be at least 1")
+    if not (args.draft / "config.json").is_file():
+        raise SpeculatorsError(args.draft, "not a draft folder (no config.json)")
+
+
+def run(args: argparse.Namespace) -> None:
+    from speculators.vllm import find_vllm_python, run_in_vllm_python, vllm_importable
+
+    _check_args(args)
+    if vllm_importable():
+        return evaluate_here(args)
+    python = find_vllm_python(args.vllm_python)
+    if python is None:
+        wanted = args.vllm_python or "$SPECULATORS_VLLM_PYTHON or .venv-vllm/bin/python"
+        reason = (
+            f"vLLM environment not found ({wanted}); run `bash scripts/install.sh vllm`"
+            " or set vllm_python in the config"
+        )
+        if args.require_vllm:
+            raise SpeculatorsError("evaluate.vllm", reason)
+        log.warning("skipping the vLLM evaluation: %s", reason)
+        write_json(args.output, skipped_result(args, reason))
+        return None
+    log.info("running the vLLM evaluation with %s", python)
+    status = run_in_vllm_python(python, _forward_argv(args))
+    if status != 0:
+        raise SpeculatorsError(python, f"the vLLM evaluation failed (exit status {status})")
+    return None
+
+
+def evaluate_here(args: argparse.Namespace) -> None:
+    """Inside the vLLM environment: render the prompts, run the engines, write the JSON."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from speculators.evaluate.inprocess import check_draft_matches, read_draft_info
+    from speculators.evaluate.prompts import load_prompts, render_prompt
+    from speculators.vllm import evaluate as engine
+
+    info = read_draft_info(args.draft)
+    try:
+        config = AutoConfig.from_pretrained(args.target).get_text_config()
+        tokenizer = AutoTokenizer.from_pretrained(args.target)
+    except (OSError, ValueError) as e:
+        raise SpeculatorsError(args.target, f"cannot load the target ({e})") from None
+    check_draft_matches(args.draft, info, config)
+    ks = args.k or ([info.ttt_steps] if info.ttt_steps else None)
+    if not ks:
+        raise SpeculatorsError(args.draft / "config.json", "no speculative_tokens; pass --k")
+    specs = load_prompts(args.prompts, args.num_prompts)
+    context = getattr(config, "max_position_embeddings", None) or 4096
+    # Room for the answer and one verification window of the largest K.
+    max_prompt = context - args.max_new_tokens - max(ks) - 1
+    if max_prompt < 1:
+        raise SpeculatorsError(
+            "--max-new-tokens", f"{args.max_new_tokens} leaves no room in a {context}-token context"
+        )
+    # The same token ids as the in-process evaluator: one renderer for both.
+    prompts = [render_prompt(tokenizer, s.messages) for s in specs]
+    truncated = sum(len(p) > max_prompt for p in prompts)
+    if truncated:
+        log.warning(
+            "%d prompts longer than %d tokens keep their last tokens", truncated, max_prompt
+        )
+    prompts = [p[-max_prompt:] for p in prompts]
+    max_model_len = min(context, max(map(len, prompts)) + args.max_new_tokens + max(ks) + 1)
+    log.info(
+        "vLLM evaluation of %s on %s: %d prompts, k=%s", args.draft, args.target, len(prompts), ks
+    )
+    baseline, rows = engine.evaluate(
+        str(args.target),
+        str(args.draft),
+        prompts,
+        ks,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        max_model_len=max_model_len,
+    )
+    write_json(
+        args.output,
+        {
+            "backend": "vllm",
+            "target": str(args.target),
+            "draft": str(args.draft),
+            "num_prompts": len(prompts),
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "device": engine.describe_device(),
+            "skipped": None,
+            "aux_layer_ids": info.aux_layer_ids,
+            "prompts": [str(p) for p in args.prompts],
+            "seed": args.seed,
+            "truncated_prompts": truncated,
+            "baseline_output_tokens": baseline.output_tokens,
+            "baseline_engine_start_s": round(baseline.start_seconds, 1),
+            "results": rows,
+        },
+    )
