@@ -17,6 +17,7 @@ include: "rules/assets.smk"
 include: "rules/prepare.smk"
 include: "rules/hidden_states.smk"
 include: "rules/vocab.smk"
+include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
 

@@ -189,6 +189,40 @@ def run_data_configs(wildcards):
     return hidden_states_configs(wildcards.run)
 
 
+def train_data_dirs(wildcards):
+    """`--data` of train: the folder of each dataset's data_config.json, shell-quoted."""
+    dirs = [str(Path(p).parent) for p in hidden_states_configs(wildcards.run)]
+    return " ".join(shlex.quote(d) for d in dirs)
+
+
+def run_d2t(wildcards):
+    return vocab_files(wildcards.run)[0]
+
+
+def run_t2d(wildcards):
+    return vocab_files(wildcards.run)[1]
+
+
+def train_model_flags(wildcards):
+    """The draft's boolean and optional train options as CLI flags."""
+    t = RUNS[wildcards.run]["train"]
+    flags = [
+        "--norm-before-residual" if t["norm_before_residual"] else "--no-norm-before-residual",
+        "--norm-before-fc" if t["norm_before_fc"] else "--no-norm-before-fc",
+        _flag("--intermediate-size", t["intermediate_size"]),
+    ]
+    return " ".join(f for f in flags if f)
+
+
+def train_loggers(wildcards):
+    return " ".join(RUNS[wildcards.run]["train"]["loggers"])
+
+
+def train_nproc_per_node(wildcards):
+    """One process per GPU of a node; one (CPU) process without GPUs."""
+    return max(1, RUNS[wildcards.run]["train"]["gpus"])
+
+
 def hidden_states_dirs(wildcards):
     """Hidden-state folders, only measured by the report (they may have been cleaned up)."""
     return [f"results/{wildcards.run}/hidden_states/{d}" for d in RUNS[wildcards.run]["datasets"]]
@@ -206,4 +240,5 @@ def final_outputs():
     outputs += [f"results/{run}/prepared/token_freq.pt" for run in RUNS]
     for run in RUNS:
         outputs += hidden_states_configs(run) + vocab_files(run)
+        outputs.append(f"results/{run}/draft")
     return outputs

@@ -229,3 +229,44 @@ def test_cli_defaults_match_the_config_schema():
         if key in ("gpus", "nodes"):  # reach the CLI as --nproc-per-node / --nnodes
             continue
         assert getattr(args, key) == spec["default"], key
+
+
+def test_train_rule_passes_every_train_key_to_the_command(tmp_path):
+    import shlex
+
+    import yaml
+    from conftest import run_snakemake
+
+    train = {
+        "num_layers": 2, "ttt_steps": 4, "ttt_step_loss_decay": 0.8, "epochs": 7, "lr": 5e-4,
+        "weight_decay": 0.1, "scheduler": "cosine", "warmup_fraction": 0.05, "grad_clip": 0.5,
+        "total_seq_len": 4096, "noise": 0.1, "val_fraction": 0.2, "norm_before_residual": False,
+        "norm_before_fc": True, "intermediate_size": 1024, "checkpoint_every": 50, "seed": 3,
+        "loggers": ["tensorboard", "wandb"], "gpus": 2, "nodes": 1,
+    }  # fmt: skip
+    cfg = {
+        "models": {"m": {"path": "org/some-model"}},
+        "datasets": {"a": {"source": "sharegpt"}, "b": {"source": "ultrachat"}},
+        "runs": {"r": {"target": "m", "datasets": {"a": {}, "b": {}}, "train": train,
+                       "vocab": {"draft_vocab_size": 500}}},
+    }  # fmt: skip
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    proc = run_snakemake(tmp_path, "-n", "-p", "results/r/draft", configfile=tmp_path / "c.yaml")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = (proc.stdout + proc.stderr).splitlines()
+    line = next(ln for ln in out if "speculators train" in ln)
+    line = line[line.index("speculators train") :]
+    command, log = line.split(" > ")
+    assert log.startswith("logs/train/draft/r.log")
+    args = parse(*shlex.split(command)[2:])
+    for key, value in train.items():
+        if key == "gpus":
+            assert args.nproc_per_node == 2
+        elif key == "nodes":
+            assert args.nnodes == 1
+        else:
+            assert getattr(args, key) == value, key
+    assert args.data == ["results/r/hidden_states/a", "results/r/hidden_states/b"]
+    assert str(args.d2t) == "results/r/vocab/500/d2t.npy"
+    assert str(args.output) == "results/r/draft"
+    assert str(args.work_dir) == "results/r/train_work"
