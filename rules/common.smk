@@ -175,7 +175,8 @@ def eval_results(wildcards):
     """Eval JSONs a run's report reads: in-process, plus vLLM's unless evaluate.vllm is off."""
     run = wildcards.run
     out = [f"results/{run}/eval/inprocess.json"]
-    if hasattr(rules, "evaluate_vllm") and RUNS[run]["evaluate"]["vllm"] != "off":
+    has_vllm_rule = any(r.name == "evaluate_vllm" for r in workflow.rules)
+    if has_vllm_rule and RUNS[run]["evaluate"]["vllm"] != "off":
         out.append(f"results/{run}/eval/vllm.json")
     return out
 

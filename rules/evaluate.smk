@@ -1,0 +1,34 @@
+# Stage 4: measure the trained draft on held-out prompts: acceptance length and speed-up.
+# evaluate_inprocess decodes with transformers (CPU or GPU); the vLLM evaluator sits beside it.
+
+
+rule evaluate_inprocess:
+    input:
+        draft="results/{run}/draft",
+        prompts=eval_prompt_files,
+        target=target_input,
+    output:
+        "results/{run}/eval/inprocess.json",
+    log:
+        "logs/evaluate/inprocess/{run}.log",
+    benchmark:
+        "benchmarks/evaluate/inprocess/{run}.tsv"
+    conda:
+        "../envs/main.yaml"
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=stage_gpus("evaluate"),
+    params:
+        target=target_of,
+        k=eval_ks,
+        device=eval_device,
+        num_prompts=lookup(dpath="runs/{run}/evaluate/num_prompts", within=config),
+        max_new_tokens=lookup(dpath="runs/{run}/evaluate/max_new_tokens", within=config),
+        temperature=lookup(dpath="runs/{run}/evaluate/temperature", within=config),
+    shell:
+        "speculators evaluate --target {params.target:q} --draft {input.draft:q}"
+        " --prompts {input.prompts:q} --num-prompts {params.num_prompts}"
+        " --max-new-tokens {params.max_new_tokens} --k {params.k}"
+        " --temperature {params.temperature} --device {params.device}"
+        " --output {output:q} > {log:q} 2>&1"
