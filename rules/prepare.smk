@@ -15,6 +15,8 @@ rule prepare_regenerate:
         "benchmarks/prepare/regenerate/{run}/{dataset}.tsv"
     conda:
         "../envs/main.yaml"
+    # CPU generation uses torch threads (Snakemake caps this at --cores and sets OMP_NUM_THREADS)
+    threads: 4
     resources:
         mem_mb=8000,
         runtime=480,
