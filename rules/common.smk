@@ -175,8 +175,8 @@ def eval_results(wildcards):
     """Eval JSONs a run's report reads: in-process, plus vLLM's unless evaluate.vllm is off."""
     run = wildcards.run
     out = [f"results/{run}/eval/inprocess.json"]
-    has_vllm_rule = any(r.name == "evaluate_vllm" for r in workflow.rules)
-    if has_vllm_rule and RUNS[run]["evaluate"]["vllm"] != "off":
+    vllm_defined = any(r.name == "evaluate_vllm" for r in workflow.rules)
+    if vllm_defined and RUNS[run]["evaluate"]["vllm"] != "off":
         out.append(f"results/{run}/eval/vllm.json")
     return out
 
@@ -242,4 +242,6 @@ def final_outputs():
     for run in RUNS:
         outputs += hidden_states_configs(run) + vocab_files(run)
         outputs.append(f"results/{run}/draft")
+        outputs.append(f"results/{run}/report/report.html")
+    outputs.append("results/comparison.html")
     return outputs
