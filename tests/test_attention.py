@@ -1,0 +1,68 @@
+"""TTT attention masks: the dense pattern, and flex attention agreeing with dense SDPA."""
+
+import warnings
+
+import pytest
+import torch
+from model_fixtures import packed_batch, tiny_draft
+
+from speculators.models.attention import TTTAttention, dense_ttt_mask, ttt_mask_mod
+
+
+def test_dense_mask_matches_the_worked_example():
+    # documents of lengths [1, 2] after one extension: causal prefix in-document + own copy
+    mask = dense_ttt_mask(torch.tensor([0, 1, 1]), step=1).int().tolist()
+    assert mask == [[1, 0, 0, 1, 0, 0], [0, 1, 0, 0, 1, 0], [0, 1, 1, 0, 0, 1]]
+
+
+def test_dense_mask_equals_mask_mod_with_padding_on_its_diagonal():
+    docs = torch.tensor([0, 0, 0, 1, 1, 2, -1, -1])
+    t = docs.shape[0]
+    mod = ttt_mask_mod(docs)
+    for step in range(4):
+        q = torch.arange(t)[:, None]
+        kv = torch.arange((step + 1) * t)[None, :]
+        dense = dense_ttt_mask(docs, step)
+        assert torch.equal(dense, mod(0, 0, q, kv))
+        assert dense.sum(1).min() >= 1  # no empty softmax row
+        assert dense[6].nonzero()[:, 0].tolist() == [6 + j * t for j in range(step + 1)]
+        assert dense[4].nonzero()[:, 0].tolist() == [3, 4] + [4 + j * t for j in range(1, step + 1)]
+
+
+@pytest.mark.parametrize(
+    "lengths,pad,steps", [([17], 0, 1), ([5, 9, 3], 4, 2), ([1, 1, 12], 7, 3), ([6, 2, 8], 3, 4)]
+)
+def test_flex_and_dense_give_the_same_draft(tiny_llama, lengths, pad, steps):
+    model = tiny_draft(tiny_llama, num_layers=2)
+    batch = packed_batch(model, lengths, pad=pad, seed=steps)
+    keys = ("input_ids", "aux", "position_ids", "document_ids")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex attention warns that it runs un-compiled on CPU
+        dense = list(model.unroll(*(batch[k] for k in keys), steps, attention="dense"))
+        flex = list(model.unroll(*(batch[k] for k in keys), steps, attention="flex"))
+        loss_d, stats_d = model(**batch, ttt_steps=steps, attention="dense")
+        loss_f, stats_f = model(**batch, ttt_steps=steps, attention="flex")
+    for a, b in zip(dense, flex, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss_d, loss_f, rtol=1e-4, atol=1e-5)
+    assert {k: v for k, v in stats_d.items() if not k.startswith("kl")} == {
+        k: v for k, v in stats_f.items() if not k.startswith("kl")
+    }
+
+
+def test_padding_query_attends_only_to_itself():
+    docs = torch.tensor([0, 0, -1])
+    attend = TTTAttention(docs, "dense").for_step(0)
+    q = torch.randn(1, 2, 3, 8)
+    k = torch.randn(1, 1, 3, 8)
+    v = torch.randn(1, 1, 3, 8)
+    out = attend(q, k, v)
+    torch.testing.assert_close(out[0, :, 2], v[0, :, 2].expand(2, 8))
+    assert torch.isfinite(out).all()
+
+
+def test_auto_is_dense_on_cpu_and_unknown_kind_fails():
+    assert TTTAttention(torch.zeros(4).long(), "auto").kind == "dense"
+    with pytest.raises(ValueError, match="attention"):
+        TTTAttention(torch.zeros(4).long(), "eager")
