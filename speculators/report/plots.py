@@ -10,6 +10,7 @@ import base64
 import io
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # no display on workers; set before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
