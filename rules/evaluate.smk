@@ -32,3 +32,38 @@ rule evaluate_inprocess:
         " --max-new-tokens {params.max_new_tokens} --k {params.k}"
         " --temperature {params.temperature} --device {params.device}"
         " --output {output:q} > {log:q} 2>&1"
+
+
+rule evaluate_vllm:
+    # Runs in the main environment and hands itself to the vLLM interpreter; without one it
+    # writes a skipped result (evaluate.vllm: auto) or fails (on).
+    input:
+        draft="results/{run}/draft",
+        prompts=eval_prompt_files,
+        target=target_input,
+    output:
+        "results/{run}/eval/vllm.json",
+    log:
+        "logs/evaluate/vllm/{run}.log",
+    benchmark:
+        "benchmarks/evaluate/vllm/{run}.tsv"
+    conda:
+        "../envs/vllm.yaml"
+    resources:
+        mem_mb=16000,
+        runtime=240,
+        gpu=stage_gpus("evaluate"),
+    params:
+        target=target_of,
+        k=eval_ks,
+        vllm_python=vllm_python_flag,
+        mode=lookup(dpath="runs/{run}/evaluate/vllm", within=config),
+        num_prompts=lookup(dpath="runs/{run}/evaluate/num_prompts", within=config),
+        max_new_tokens=lookup(dpath="runs/{run}/evaluate/max_new_tokens", within=config),
+        temperature=lookup(dpath="runs/{run}/evaluate/temperature", within=config),
+    shell:
+        "speculators evaluate-vllm --target {params.target:q} --draft {input.draft:q}"
+        " --prompts {input.prompts:q} --num-prompts {params.num_prompts}"
+        " --max-new-tokens {params.max_new_tokens} --k {params.k}"
+        " --temperature {params.temperature}"
+        " --vllm-mode {params.mode} {params.vllm_python} --output {output:q} > {log:q} 2>&1"

@@ -2,7 +2,7 @@
 
 Runs in the main environment too: there it hands itself to the vLLM interpreter
 (`--vllm-python`, $SPECULATORS_VLLM_PYTHON or .venv-vllm), or, with that environment missing,
-writes the JSON with `"skipped": "<reason>"` (an error under `--require-vllm`).
+writes the JSON with `"skipped": "<reason>"` (an error with `--vllm-mode on`).
 """
 
 from __future__ import annotations
@@ -36,9 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         " .venv-vllm/bin/python); used when this one cannot import vllm",
     )
     p.add_argument(
-        "--require-vllm",
-        action="store_true",
-        help="a missing vLLM environment is an error (default: write a skipped result)",
+        "--vllm-mode",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="auto: skip (write a skipped result) without a vLLM environment; on: that is an"
+        " error; off: always skip (config evaluate.vllm)",
     )
 
 
@@ -50,7 +52,7 @@ def _forward_argv(args: argparse.Namespace) -> list[str]:
     if args.k:
         argv += ["--k", *map(str, args.k)]
     argv += ["--temperature", str(args.temperature), "--seed", str(args.seed)]
-    argv += ["--output", str(args.output), "--require-vllm"]
+    argv += ["--output", str(args.output), "--vllm-mode", "on"]
     return argv
 
 
@@ -84,6 +86,9 @@ def run(args: argparse.Namespace) -> None:
     from speculators.vllm import find_vllm_python, run_in_vllm_python, vllm_importable
 
     _check_args(args)
+    if args.vllm_mode == "off":
+        write_json(args.output, skipped_result(args, "disabled in the config (evaluate.vllm: off)"))
+        return None
     if vllm_importable():
         return evaluate_here(args)
     python = find_vllm_python(args.vllm_python)
@@ -93,7 +98,7 @@ def run(args: argparse.Namespace) -> None:
             f"vLLM environment not found ({wanted}); run `bash scripts/install.sh vllm`"
             " or set vllm_python in the config"
         )
-        if args.require_vllm:
+        if args.vllm_mode == "on":
             raise SpeculatorsError("evaluate.vllm", reason)
         log.warning("skipping the vLLM evaluation: %s", reason)
         write_json(args.output, skipped_result(args, reason))

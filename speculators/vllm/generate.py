@@ -10,6 +10,7 @@ import functools
 import os
 
 import torch
+import vllm  # noqa: F401  (fails at import, so `regenerate` reports a missing vLLM clearly)
 
 from speculators.errors import SpeculatorsError
 

