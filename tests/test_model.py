@@ -140,6 +140,11 @@ def test_loss_is_decay_weighted_sum_of_masked_mean_kl(tiny_llama):
     expected = sum(0.5**k * stats[f"kl_{k}"] / stats[f"count_{k}"] for k in range(3))
     assert loss.item() == pytest.approx(float(expected), rel=1e-6)
     assert all(stats[f"kl_{k}"] > 0 for k in range(3))
+    normalizer = torch.tensor([40.0, 30.0, 20.0])  # e.g. counts summed over ranks / world size
+    with torch.no_grad():
+        global_loss, _ = model(**batch, ttt_steps=3, loss_decay=0.5, count_normalizer=normalizer)
+    expected = sum(0.5**k * stats[f"kl_{k}"] / normalizer[k] for k in range(3))
+    assert global_loss.item() == pytest.approx(float(expected), rel=1e-6)
 
 
 def test_targets_are_the_target_models_logits_over_the_draft_vocab(tiny_llama):

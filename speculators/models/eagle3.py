@@ -305,6 +305,7 @@ class Eagle3DraftModel(nn.Module):
         ttt_steps: int,
         loss_decay: float = 1.0,
         attention: str = "auto",
+        count_normalizer: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Training step on one packed batch (batch size 1, T positions, document id -1 = padding).
 
@@ -312,6 +313,8 @@ class Eagle3DraftModel(nn.Module):
         where step k's logits at t are scored against the target at t+k (same document, loss_mask[t+k]).
         stats are detached sums: kl_k, count_k (positions with a step-k target), full_k (of those,
         greedy-correct at steps 0..k) and prev_k (correct at steps 0..k-1; = count_0 for k = 0).
+        count_normalizer [ttt_steps], if given, replaces this batch's count_k as step k's divisor
+        (e.g. the count over all ranks divided by the world size, for a global token mean).
         """
         t = input_ids.shape[1]
         for name, x in (("input_ids", input_ids), ("aux", aux), ("last", last)):
@@ -336,7 +339,8 @@ class Eagle3DraftModel(nn.Module):
             count = valid.sum()
             prev = (valid & chain[:n]).sum()
             chain[:n] &= correct
-            loss = loss + (loss_decay**k) * kl_sum / count.clamp(min=1)
+            divisor = count.clamp(min=1) if count_normalizer is None else count_normalizer[k]
+            loss = loss + (loss_decay**k) * kl_sum / divisor
             stats[f"kl_{k}"] = kl_sum.detach()
             stats[f"count_{k}"] = count
             stats[f"full_{k}"] = (valid & chain[:n]).sum()
