@@ -83,6 +83,8 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 JobAcctGatherType=jobacct_gather/linux
 JobCompType=jobcomp/none
+# Store the plugin's --comment (rule_<name>_wildcards_<...>) so sacct shows which rule a job ran.
+AccountingStoreFlags=job_comment
 MinJobAge=300
 ReturnToService=2
 SlurmdTimeout=300

@@ -42,3 +42,35 @@ def require_gpus(expected: int, where: str = "gpus") -> int:
     raise SpeculatorsError(
         where, f"the job asked for {expected} GPU(s) but sees {seen} ({env}); {hint}"
     )
+
+
+def slurm_nodes() -> list[str]:
+    """Host names of this SLURM job's allocation, first node first; [] outside SLURM.
+
+    Inside a rule run by snakemake-executor-plugin-slurm only SLURM_JOB_ID survives (the
+    jobstep plugin drops SLURM_NNODES and SLURM_JOB_NODELIST before running the rule's
+    shell), so the node list is asked from `scontrol` when the environment lacks it.
+    """
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOBID")
+    if not nodelist and not job_id:
+        return []
+    try:
+        if not nodelist:
+            show = _scontrol("show", "job", "--oneliner", job_id)
+            fields = dict(f.split("=", 1) for f in show.split() if "=" in f)
+            nodelist = fields.get("NodeList", "")
+            if not nodelist or nodelist == "(null)":
+                raise SpeculatorsError(f"SLURM job {job_id}", "scontrol shows no NodeList")
+        return _scontrol("show", "hostnames", nodelist).split()
+    except FileNotFoundError:
+        raise SpeculatorsError("scontrol", "not found, but this is a SLURM job") from None
+
+
+def _scontrol(*args: str) -> str:
+    import subprocess
+
+    proc = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise SpeculatorsError(f"scontrol {' '.join(args)}", proc.stderr.strip() or "failed")
+    return proc.stdout
