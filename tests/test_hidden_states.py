@@ -18,6 +18,7 @@ from fixtures import build_target
 from speculators.cli import main
 from speculators.hidden_states import store as store_mod
 from speculators.hidden_states.capture import plan_batches
+from speculators.vllm import vllm_importable
 
 LAYER_IDS = [1, 2, 3, 4]  # the fixture targets have 4 layers; the default ids collide there
 
@@ -279,6 +280,14 @@ def test_bad_layer_ids(llama, tmp_path, capsys, layer_ids, problem):
     argv = ["hidden-states", "--target", str(llama), "--prepared", str(prepared)]
     argv += ["--output", str(tmp_path / "hs")] + (["--layer-ids", *layer_ids] if layer_ids else [])
     assert problem in _error(capsys, lambda: main(argv))
+
+
+@pytest.mark.skipif(vllm_importable(), reason="this interpreter runs vLLM itself")
+def test_vllm_backend_without_a_vllm_environment_is_one_line_error(llama, tmp_path, capsys):
+    prepared = make_prepared(tmp_path / "prep", [4])
+    args = ("--backend", "vllm", "--vllm-python", str(tmp_path / "no-python"))
+    error = _error(capsys, lambda: capture(llama, prepared, tmp_path / "hs", *args))
+    assert "no vLLM environment was found" in error
 
 
 def test_prepared_with_another_tokenizer_is_rejected(llama, tmp_path, capsys):

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import importlib.util
 import logging
-import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--vllm-python",
         default=None,
-        help="interpreter of the vLLM environment (default: .venv-vllm/bin/python)",
+        help="interpreter of the vLLM environment (default: $SPECULATORS_VLLM_PYTHON, .venv-vllm)",
     )
 
 
@@ -305,32 +303,25 @@ def _capture_vllm(args, ds, todo, store) -> str:
     )
 
 
-def _vllm_python(args) -> str:
-    """The vLLM environment's interpreter: --vllm-python, else the repository's .venv-vllm."""
-    if args.vllm_python:
-        return args.vllm_python
-    default = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
-    if not default.exists():
-        raise SpeculatorsError(
-            "--backend vllm",
-            "vLLM is not installed in this Python and there is no .venv-vllm"
-            " (bash scripts/install.sh vllm, or pass --vllm-python)",
-        )
-    return str(default)
-
-
 def _run_in_vllm_env(args) -> None:
     """vLLM pins its own torch, so it lives in another environment: rerun this command there."""
-    python = _vllm_python(args)
-    argv = [python, "-m", "speculators.cli", "hidden-states", "--target", str(args.target)]
-    argv += ["--prepared", str(args.prepared), "--output", str(args.output)]
+    from speculators.vllm import find_vllm_python, run_in_vllm_python
+
+    python = find_vllm_python(args.vllm_python)
+    if python is None:
+        raise SpeculatorsError(
+            "--backend vllm",
+            "vLLM is not installed in this Python and no vLLM environment was found"
+            " (bash scripts/install.sh vllm, or --vllm-python / $SPECULATORS_VLLM_PYTHON)",
+        )
+    argv = ["hidden-states", "--target", str(args.target), "--prepared", str(args.prepared)]
+    argv += ["--output", str(args.output), "--dtype", args.dtype, "--backend", "vllm"]
     if args.layer_ids is not None:
         argv += ["--layer-ids", *map(str, args.layer_ids)]
-    argv += ["--dtype", args.dtype, "--backend", "vllm", "--device", args.device]
     argv += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
     argv += ["--data-parallel-size", str(args.data_parallel_size)]
     log.info("running the vLLM backend with %s", python)
-    returncode = subprocess.run(argv).returncode
+    returncode = run_in_vllm_python(python, argv)
     if returncode != 0:
         raise SpeculatorsError(
             "--backend vllm", f"capture in {python} failed (exit status {returncode})"
@@ -340,7 +331,9 @@ def _run_in_vllm_env(args) -> None:
 def run(args: argparse.Namespace) -> None:
     if args.batch_tokens < 1:
         raise SpeculatorsError("--batch-tokens", "must be at least 1")
-    if args.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+    from speculators.vllm import vllm_importable  # locates vLLM without importing it
+
+    if args.backend == "vllm" and not vllm_importable():
         return _run_in_vllm_env(args)
     dims = target_dims(args.target)
     layer_ids = resolve_layer_ids(args.layer_ids, dims["num_hidden_layers"])
