@@ -1,0 +1,84 @@
+"""Real-model example configs: each validates against the schema and dry-runs the whole pipeline
+with its target's config.json read from a local stand-in (no downloads)."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, snakemake_cmd
+from examples_support import EXAMPLES, STANDINS, planned_jobs, standin_config
+
+from speculators.config import validate_config
+
+ASSET_RULES = {"assets_export_model", "assets_export_chats"}
+# Stages whose rule resources carry the stage's `gpus` key.
+GPU_STAGE_OF_RULE = {
+    "prepare_regenerate": "regenerate",
+    "hidden_states_capture": "hidden_states",
+    "train_draft": "train",
+    "evaluate_inprocess": "evaluate",
+    "evaluate_vllm": "evaluate",
+}
+
+
+def workflow_rules() -> set[str]:
+    proc = subprocess.run(
+        snakemake_cmd()
+        + ["-s", str(REPO / "Snakefile"), "--workflow-profile", "none", "--list-rules"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return {line.split()[0] for line in proc.stdout.splitlines() if line.strip()}
+
+
+def test_the_five_documented_examples_exist():
+    names = {p.stem for p in EXAMPLES}
+    assert names == {
+        "llama-3.1-8b-instruct",
+        "qwen3-8b",
+        "qwen3-30b-a3b",
+        "gpt-oss-20b",
+        "llama-3.3-70b-instruct",
+    }
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_example_validates_and_uses_realistic_settings(example):
+    cfg = yaml.safe_load(example.read_text())
+    validate_config(cfg, REPO / "config" / "schema.yaml")
+    for run in cfg["runs"].values():
+        assert run["vocab"]["draft_vocab_size"] == 32000
+        assert run["train"]["gpus"] >= 8  # a full node
+        hs = run["hidden_states"]
+        assert hs["gpus"] == hs.get("tensor_parallel_size", 1) * hs.get("data_parallel_size", 1)
+        target = Path(cfg["models"][run["target"]]["path"]).name
+        tv = yaml.safe_load((STANDINS / target / "config.json").read_text())["vocab_size"]
+        assert run["vocab"]["draft_vocab_size"] < tv
+
+
+@pytest.mark.parametrize(
+    "standin", sorted(p for p in STANDINS.iterdir() if p.is_dir()), ids=lambda p: p.name
+)
+def test_standin_is_a_config_transformers_reads(standin):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(standin)
+    assert cfg.num_hidden_layers >= 24 and cfg.hidden_size >= 2048
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_example_dry_run_plans_every_stage_with_its_gpus(example, tmp_path):
+    cfgfile = standin_config(example, tmp_path / "config.yaml")
+    cfg = yaml.safe_load(cfgfile.read_text())
+    jobs = planned_jobs(tmp_path, cfgfile)
+    planned = {j["rule"] for j in jobs} - {"all"}
+    # Targets are Hugging Face models and datasets: every rule but the demo asset exports runs.
+    assert planned == workflow_rules() - ASSET_RULES - {"all"}
+    (run,) = cfg["runs"].values()
+    for job in jobs:
+        stage = GPU_STAGE_OF_RULE.get(job["rule"])
+        if stage:
+            assert job["resources"].get("gpu") == run[stage]["gpus"], job
