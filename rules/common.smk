@@ -123,6 +123,16 @@ def stage_gpus(stage):
     return gpus
 
 
+def attempt_runtime(minutes):
+    """resources function: `minutes` on the first attempt, doubled on each retry, so a job that
+    SLURM stopped at its time limit gets more time when `retries` (profiles/slurm) resubmits it."""
+
+    def runtime(wildcards, attempt):
+        return minutes * 2 ** (attempt - 1)
+
+    return runtime
+
+
 def prepared_token_freqs(wildcards):
     """The per-dataset token counts that make up a run's combined token_freq.pt."""
     run = wildcards.run
