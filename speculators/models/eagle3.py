@@ -19,7 +19,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from speculators.errors import SpeculatorsError
 from speculators.models.attention import TTTAttention, causal_attend
-from speculators.models.layers import DecoderLayer, FirstDecoderLayer, RMSNorm
+from speculators.models.layers import DecoderLayer, FirstDecoderLayer, KVCache, RMSNorm
 from speculators.models.loss import shifted_tokens, step_kl, step_valid_mask
 
 INIT_STD = 0.02  # Llama's initializer_range
@@ -285,7 +285,7 @@ class Eagle3DraftModel(nn.Module):
         """Yield the draft's pre-norm output states [1,T,H] of TTT steps 0..ttt_steps-1 (teacher-forced)."""
         ttt = TTTAttention(document_ids[0], attention)
         hidden = self._fuse(aux)
-        caches = [[] for _ in self.layers]
+        caches = [KVCache() for _ in self.layers]
         for k in range(ttt_steps):
             ids = shifted_tokens(input_ids[0], document_ids[0], k)[None]
             hidden = self._layers(
@@ -360,7 +360,7 @@ class Eagle3DraftModel(nn.Module):
         if tokens.shape != (1, n + 1):
             raise ValueError(f"tokens must be [1, {n + 1}] for aux of length {n}")
         position_ids = torch.arange(1, n + 1, device=tokens.device)[None]
-        caches = [[] for _ in self.layers]
+        caches = [KVCache() for _ in self.layers]
         embeds = self.embed_tokens(tokens[:, 1:])
         hidden = self._layers(embeds, self._fuse(aux), position_ids, caches, causal_attend)
         hidden = hidden[:, -1:]

@@ -16,7 +16,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm as RMSNorm
 # attend(q [B,nH,T,hd], k [B,nKV,S,hd], v [B,nKV,S,hd]) -> [B,nH,T,hd]
 Attend = Callable[[Tensor, Tensor, Tensor], Tensor]
 
-__all__ = ["Attend", "DecoderLayer", "FirstDecoderLayer", "RMSNorm"]
+__all__ = ["Attend", "DecoderLayer", "FirstDecoderLayer", "KVCache", "RMSNorm"]
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -28,6 +28,27 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate x [B,heads,T,hd] by cos/sin [B,T,hd] (Llama's half-split convention, as in vLLM)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return x * cos + _rotate_half(x) * sin
+
+
+class KVCache:
+    """One layer's keys/values, one (k, v) entry per TTT step.
+
+    A plain object rather than a list on purpose: module wrappers that rebuild their arguments
+    through pytree (FSDP2's post-backward hook, mixed-precision input casts) copy lists, so
+    entries appended to a list argument would be lost between steps.
+    """
+
+    def __init__(self):
+        self.entries: list[tuple[Tensor, Tensor]] = []
+
+    def append(self, kv: tuple[Tensor, Tensor]) -> None:
+        self.entries.append(kv)
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
 
 
 class Attention(nn.Module):
@@ -44,7 +65,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(in_features, kv_out, bias=False)
         self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: list, attend: Attend) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, attend: Attend
+    ) -> Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
