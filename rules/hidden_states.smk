@@ -28,9 +28,10 @@ rule hidden_states_capture:
         backend=lookup(dpath="runs/{run}/hidden_states/backend", within=config),
         tp=lookup(dpath="runs/{run}/hidden_states/tensor_parallel_size", within=config),
         dp=lookup(dpath="runs/{run}/hidden_states/data_parallel_size", within=config),
+        gpus=lookup(dpath="runs/{run}/hidden_states/gpus", within=config),
     shell:
         "speculators hidden-states --target {params.target:q} --prepared {input.prepared:q}"
         " --output {params.outdir:q} {params.layer_ids} --dtype {params.dtype}"
         " --batch-tokens {params.batch_tokens} --backend {params.backend}"
-        " --tensor-parallel-size {params.tp} --data-parallel-size {params.dp}"
+        " --gpus {params.gpus} --tensor-parallel-size {params.tp} --data-parallel-size {params.dp}"
         " {params.vllm_python} > {log:q} 2>&1"

@@ -290,6 +290,13 @@ def test_vllm_backend_without_a_vllm_environment_is_one_line_error(llama, tmp_pa
     assert "no vLLM environment was found" in error
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CPU machine")
+def test_gpu_request_not_met_is_one_line_error(llama, tmp_path, capsys):
+    prepared = make_prepared(tmp_path / "prep", [4])
+    error = _error(capsys, lambda: capture(llama, prepared, tmp_path / "hs", "--gpus", "1"))
+    assert "hidden_states.gpus: the job asked for 1 GPU(s) but sees 0" in error
+
+
 def test_prepared_with_another_tokenizer_is_rejected(llama, tmp_path, capsys):
     prepared = make_prepared(tmp_path / "prep", [30, 30], vocab_size=5000)
     error = _error(capsys, lambda: capture(llama, prepared, tmp_path / "hs"))

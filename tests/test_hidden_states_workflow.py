@@ -49,7 +49,7 @@ def test_dry_run_plans_capture_and_vocab_with_config_values(tiny_llama, chat_jso
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "--layer-ids 1 2 3 4 --dtype float32 --batch-tokens 256 --backend vllm" in out
-    assert "--tensor-parallel-size 2 --data-parallel-size 1" in out
+    assert "--gpus 2 --tensor-parallel-size 2 --data-parallel-size 1" in out
     assert "--output results/r/hidden_states/chats " in out
     assert "--draft-vocab-size 64 --output-dir results/r/vocab/64 " in out
     assert "gpu=2" in out

@@ -43,6 +43,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward batch")
     p.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        help="GPUs the job asked for; checked (transformers backend)",
+    )
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM backend only")
     p.add_argument("--data-parallel-size", type=int, default=1, help="vLLM backend only")
     p.add_argument(
@@ -190,7 +196,14 @@ class LayerCapture:
             h.remove()
 
 
-def resolve_device(device: str) -> str:
+def resolve_device(device: str, gpus: int | None = None) -> str:
+    """cpu or cuda; `gpus` (the job's GPU request, when given) must match what is visible."""
+    if gpus is not None:
+        from speculators.devices import require_gpus
+
+        require_gpus(gpus, "hidden_states.gpus")
+        if device == "auto":
+            return "cuda" if gpus > 0 else "cpu"  # a CPU job leaves a node's GPUs alone
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -335,6 +348,7 @@ def run(args: argparse.Namespace) -> None:
 
     if args.backend == "vllm" and not vllm_importable():
         return _run_in_vllm_env(args)
+    device = resolve_device(args.device, args.gpus) if args.backend == "transformers" else None
     dims = target_dims(args.target)
     layer_ids = resolve_layer_ids(args.layer_ids, dims["num_hidden_layers"])
     dtype = dtype_from_name(args.dtype)
@@ -362,7 +376,6 @@ def run(args: argparse.Namespace) -> None:
     if args.backend == "vllm":
         device = _capture_vllm(args, ds, todo, store) if todo else "vllm (nothing to capture)"
     else:
-        device = resolve_device(args.device)
         if todo:
             capture_transformers(
                 args.target, ds, lengths, todo, store, device=device, batch_tokens=args.batch_tokens
