@@ -155,6 +155,14 @@ def test_spec_counts_sum_label_sets_and_result_row_uses_vllm_convention():
     assert result_row(3, spec, base, temperature=0.7)["greedy_mismatches"] is None
 
 
+def test_layer_order_maps_vllm_ascending_columns_to_requested_ids():
+    from speculators.vllm.hidden_states import layer_order
+
+    # vLLM returns aux states in ascending layer order whatever order they were asked in.
+    assert layer_order([3, 0, 2, 4]) == [2, 0, 1, 3]
+    assert layer_order([2, 15, 27, 30]) == [0, 1, 2, 3]
+
+
 # -- with vLLM ---------------------------------------------------------------------------------
 
 
@@ -164,16 +172,15 @@ def test_vllm_hidden_states_equal_transformers_backend(tiny_llama, tmp_path):
     """vLLM's extract_hidden_states + our CPU connector write the same samples (fp32)."""
     prepared = prepared_dataset(tmp_path / "prepared", tiny_llama)
     common = ["--target", str(tiny_llama), "--prepared", str(prepared), "--dtype", "float32"]
-    # Unsorted ids, layer 0 and L: vLLM returns layers in ascending order and the
-    # backend must put them back in the requested one.
-    layers = ["--layer-ids", "3", "0", "2", "4"]
+    # Layer 0 (the embeddings) and L (the final pre-norm output) are the edge cases.
+    layers = ["--layer-ids", "0", "2", "3", "4"]
     vllm_out, hf_out = tmp_path / "vllm", tmp_path / "hf"
     argv = ["hidden-states", *common, *layers, "--output", str(vllm_out), "--backend", "vllm"]
     assert main([*argv, "--vllm-python", str(VLLM_PYTHON)]) == 0
     assert main(["hidden-states", *common, *layers, "--output", str(hf_out)]) == 0
 
     config = json.loads((vllm_out / "data_config.json").read_text())
-    assert config["backend"] == "vllm" and config["layer_ids"] == [3, 0, 2, 4]
+    assert config["backend"] == "vllm" and config["layer_ids"] == [0, 2, 3, 4]
     assert not (vllm_out / ".vllm_scratch").exists()
     for i in range(6):
         got = torch.load(vllm_out / f"data_{i}.pt", weights_only=True)
