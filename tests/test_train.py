@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from train_fixtures import write_hidden_states, write_random_states, write_vocab
 
 from speculators.cli import build_parser
 from speculators.errors import SpeculatorsError
-from speculators.train import trainer
+from speculators.train import launch, trainer
 
 DRAFT_VOCAB = 128
 # DCP says it runs without a process group: intended for single-process runs.
@@ -27,6 +28,14 @@ def chat_states(tiny_llama, tmp_path_factory):
     vocab = json.loads((tiny_llama / "config.json").read_text())["vocab_size"]
     d2t, t2d = write_vocab(root / "vocab", vocab, DRAFT_VOCAB, data)
     return data, d2t, t2d
+
+
+def train_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    trainer.add_arguments(parser)
+    return parser
 
 
 def parse(*argv):
@@ -141,6 +150,46 @@ def test_resume_mid_epoch_reproduces_uninterrupted_run(tiny_llama, chat_states, 
     a = torch.load(tmp_path / "full" / "work" / "best_model.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "work" / "best_model.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_run_equals_single_process_run(tiny_llama, chat_states, tmp_path):
+    import subprocess
+
+    _, d2t, t2d = chat_states
+    # Equal lengths: 2 ranks x 40 tokens take the same samples per step as 1 rank x 80;
+    # random loss masks make the ranks' token counts differ (the loss is a global mean).
+    data = write_random_states(tmp_path / "hs", tiny_llama, [41] * 16, random_masks=True)
+    common = ["--noise", 0, "--val-fraction", 0.25, "--epochs", 2, "--checkpoint-every", 4]
+
+    def args_for(name, seq, *extra):
+        return train_args(tiny_llama, data, d2t, t2d, tmp_path / name, "--total-seq-len", seq,
+                          *common, *extra)  # fmt: skip
+
+    trainer.run(args_for("one", 80))
+    worker_args = launch.to_argv(train_parser(), args_for("two", 40))
+    cmd = [sys.executable, "-m", "speculators.cli", "train", *worker_args]
+    proc = subprocess.run([*cmd, "--nproc-per-node", "2"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    one = records(tmp_path / "one" / "draft" / "metrics.jsonl")
+    two = records(tmp_path / "two" / "draft" / "metrics.jsonl")
+    assert [(r["split"], r["step"]) for r in one] == [(r["split"], r["step"]) for r in two]
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+        assert b["loss_k"] == pytest.approx(a["loss_k"], rel=1e-4, abs=1e-6)
+        assert b["full_acc"] == pytest.approx(a["full_acc"], abs=1e-6)
+    summary = json.loads((tmp_path / "two" / "draft" / "train_summary.json").read_text())
+    assert summary["world_size"] == 2
+    wa = torch.load(tmp_path / "one" / "work" / "best_model.pt", weights_only=True)
+    wb = torch.load(tmp_path / "two" / "work" / "best_model.pt", weights_only=True)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5)
+
+    # Its checkpoint belongs to 2 processes: a single-process rerun is refused.
+    with pytest.raises(SpeculatorsError, match="made by 2 process"):
+        trainer.run(args_for("two", 40))
 
 
 def test_resume_with_other_settings_is_refused(tiny_llama, chat_states, tmp_path):

@@ -64,8 +64,13 @@ def write_random_states(
     hidden_size: int | None = None,
     seed: int = 0,
     masked: bool = True,
+    random_masks: bool = False,
 ) -> Path:
-    """Random states and tokens with the given sample lengths (hidden_size may be made wrong)."""
+    """Random states and tokens with the given sample lengths (hidden_size may be made wrong).
+
+    Loss masks cover the last two thirds of each sample, nothing (`masked=False`), or random
+    positions (`random_masks`, so samples of equal length differ in supervised tokens).
+    """
     cfg = _target_dims(target)
     h = hidden_size or cfg["hidden_size"]
     g = torch.Generator().manual_seed(seed)
@@ -74,6 +79,8 @@ def write_random_states(
     for idx, n in enumerate(lengths):
         ids = torch.randint(0, cfg["vocab_size"], (n,), generator=g)
         mask = (torch.arange(n) >= n // 3).long() if masked else torch.zeros(n, dtype=torch.long)
+        if random_masks:
+            mask = (torch.rand(n, generator=g) < 0.2 + 0.6 * torch.rand(1, generator=g)).long()
         states = [torch.randn(n, h, generator=g) for _ in layer_ids]
         store.write(idx, ids, states, mask)
         rows.append((ids.tolist(), mask.tolist()))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import subprocess
 import sys
 
@@ -41,7 +40,7 @@ def to_argv(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[s
         elif value is None:
             continue
         elif isinstance(value, list):
-            if value:
+            if value or action.nargs == "*":  # `--loggers` alone means none
                 argv += [flag, *map(str, value)]
         else:
             argv += [flag, str(value)]
@@ -57,11 +56,12 @@ def _first_slurm_host() -> str:
 
 
 def launch_command(args: argparse.Namespace, worker_argv: list[str]) -> list[str]:
-    torchrun = shutil.which("torchrun") or "torchrun"
-    module = [torchrun, "--nproc-per-node", str(args.nproc_per_node)]
+    # torchrun as a module of this interpreter: no reliance on PATH or an activated venv.
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    module = [*torchrun, "--nproc-per-node", str(args.nproc_per_node)]
     tail = ["-m", "speculators.cli", "train", *worker_argv]
     if args.nnodes == 1:
-        return [*module[:1], "--standalone", *module[1:], *tail]
+        return [*torchrun, "--standalone", *module[len(torchrun) :], *tail]
     slurm_nodes = int(os.environ.get("SLURM_NNODES", "1"))
     if slurm_nodes < args.nnodes:
         raise SpeculatorsError(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -135,15 +134,11 @@ def global_counts(batch: dict, ttt_steps: int, env) -> torch.Tensor:
     return distributed.all_reduce_sum(counts, env).to(torch.float32)
 
 
-def _takes_normalizer(model) -> bool:
-    return "count_normalizer" in inspect.signature(model.forward).parameters
-
-
 def train_step(model, batch, optimizer, scheduler, args, env) -> dict:
     """One optimizer step on this rank's packed batch; returns summed stats and whether skipped."""
     batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
     kwargs = {}
-    if env.world_size > 1 and _takes_normalizer(model):
+    if env.world_size > 1:
         # Loss = token mean over all ranks: step k's KL sum over the global count. FSDP
         # averages gradients over ranks, so each rank's share is scaled up by the world size.
         normalizer = global_counts(batch, args.ttt_steps, env).clamp(min=1) / env.world_size
