@@ -27,6 +27,7 @@ rule prepare_regenerate:
         split=split_flag,
         max_samples=max_samples_flag,
         max_turns=max_turns_flag,
+        vllm_python=vllm_python_flag,
         seed=lookup(dpath="runs/{run}/prepare/seed", within=config),
         eval_prompts=lookup(dpath="runs/{run}/prepare/eval_prompts", within=config),
         backend=lookup(dpath="runs/{run}/regenerate/backend", within=config),
@@ -41,7 +42,7 @@ rule prepare_regenerate:
         " --backend {params.backend} --max-new-tokens {params.max_new_tokens}"
         " --temperature {params.temperature} --top-p {params.top_p}"
         " --batch-size {params.batch_size} {params.max_turns}"
-        " --output {output.jsonl:q} > {log:q} 2>&1"
+        " {params.vllm_python} --output {output.jsonl:q} > {log:q} 2>&1"
 
 
 rule prepare_dataset:

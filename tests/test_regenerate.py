@@ -193,3 +193,26 @@ def test_unknown_source_file_stops_before_loading_the_model(tmp_path, capsys):
     args += ["--dataset-name", "d", "--output", str(tmp_path / "o.jsonl")]
     assert main(args) == 1
     assert "x.jsonl: file not found" in capsys.readouterr().err
+
+
+def test_vllm_backend_reruns_the_command_in_the_vllm_environment(tmp_path, chat_jsonl):
+    record = tmp_path / "argv.txt"
+    fake_python = tmp_path / "python"
+    fake_python.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\n')
+    fake_python.chmod(0o755)
+    out = tmp_path / "r.jsonl"
+    args = ["regenerate", "--target", "t", "--source", str(chat_jsonl), "--dataset-name", "d"]
+    args += ["--backend", "vllm", "--max-turns", "2", "--temperature", "0.5"]
+    args += ["--vllm-python", str(fake_python), "--output", str(out)]
+    import speculators.vllm
+
+    if speculators.vllm.vllm_importable():
+        pytest.skip("this interpreter runs vLLM itself")
+    assert main(args) == 0
+    argv = record.read_text().splitlines()
+    assert argv[:4] == ["-m", "speculators.cli", "regenerate", "--backend"]
+    assert "--vllm-python" not in argv
+    pairs = dict(zip(argv[5::2], argv[6::2]))
+    assert pairs["--max-turns"] == "2" and pairs["--temperature"] == "0.5"
+    assert pairs["--output"] == str(out) and pairs["--source"] == str(chat_jsonl)
+    assert "--max-samples" not in pairs  # unset options stay unset

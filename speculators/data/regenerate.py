@@ -247,10 +247,58 @@ def meta_path(output: str | os.PathLike) -> Path:
     return output.with_name(f"{stem}.meta.json")
 
 
+def _run_in_vllm_env(args) -> None:
+    """vLLM pins its own torch, so it lives in another environment: rerun this command there
+    (same output and partial file, so a resumed run continues either way)."""
+    from speculators.vllm import find_vllm_python, run_in_vllm_python
+
+    python = find_vllm_python(args.vllm_python)
+    if python is None:
+        raise SpeculatorsError(
+            "--backend vllm",
+            "vLLM is not installed in this Python and no vLLM environment was found"
+            " (bash scripts/install.sh vllm, or --vllm-python / $SPECULATORS_VLLM_PYTHON)",
+        )
+    argv = ["regenerate", "--backend", "vllm"]
+    for name in OPTIONS:
+        value = getattr(args, name)
+        if value is not None:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    log.info("running the vLLM backend with %s", python)
+    returncode = run_in_vllm_python(python, argv)
+    if returncode != 0:
+        raise SpeculatorsError(
+            "--backend vllm", f"regeneration in {python} failed (exit status {returncode})"
+        )
+
+
+# Options passed on unchanged when the command reruns itself in the vLLM environment.
+OPTIONS = (
+    "target",
+    "source",
+    "split",
+    "dataset_name",
+    "seed",
+    "max_samples",
+    "eval_prompts",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "batch_size",
+    "max_turns",
+    "output",
+)
+
+
 def run(args) -> None:
     started = time.time()
     if not args.output.endswith(".jsonl"):
         raise SpeculatorsError(args.output, "the output must be a .jsonl file")
+    if args.backend == "vllm":
+        from speculators.vllm import vllm_importable  # locates vLLM without importing it
+
+        if not vllm_importable():
+            return _run_in_vllm_env(args)
     generate = backend(args.backend)
     rows = sources.load_rows(args.source, args.split)
     selection = sources.select(rows, args.seed, args.eval_prompts, args.max_samples)
@@ -298,3 +346,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="conversations per batch")
     p.add_argument("--max-turns", type=int, default=None, help="assistant turns kept per row")
     p.add_argument("--output", required=True, help="regenerated .jsonl (+ .meta.json beside it)")
+    p.add_argument(
+        "--vllm-python",
+        default=None,
+        help="interpreter of the vLLM environment (default: $SPECULATORS_VLLM_PYTHON, .venv-vllm)",
+    )
