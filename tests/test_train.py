@@ -153,7 +153,7 @@ def test_resume_mid_epoch_reproduces_uninterrupted_run(tiny_llama, chat_states, 
 
 
 @pytest.mark.slow
-def test_two_process_fsdp_run_equals_single_process_run(tiny_llama, chat_states, tmp_path):
+def test_two_process_fsdp_run_equals_single_process_run(tiny_llama, chat_states, tmp_path, caplog):
     import subprocess
 
     _, d2t, t2d = chat_states
@@ -187,17 +187,26 @@ def test_two_process_fsdp_run_equals_single_process_run(tiny_llama, chat_states,
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5)
 
-    # Its checkpoint belongs to 2 processes: a single-process rerun is refused.
-    with pytest.raises(SpeculatorsError, match="made by 2 process"):
-        trainer.run(args_for("two", 40))
+    # Its checkpoint belongs to 2 processes: a single-process rerun does not resume from it.
+    caplog.set_level("WARNING")
+    trainer.run(args_for("two", 40))
+    assert "not resuming" in caplog.text and "processes: 2 -> 1" in caplog.text
 
 
-def test_resume_with_other_settings_is_refused(tiny_llama, chat_states, tmp_path):
+def test_checkpoint_of_other_settings_is_set_aside_not_resumed(
+    tiny_llama, chat_states, tmp_path, caplog
+):
     data, d2t, t2d = chat_states
     trainer.run(train_args(tiny_llama, data, d2t, t2d, tmp_path, "--epochs", 1))
-    with pytest.raises(SpeculatorsError, match=r"checkpoint.*lr: 0.001 -> 0.002"):
-        trainer.run(train_args(tiny_llama, data, d2t, t2d, tmp_path, "--epochs", 1,
-                               "--lr", 2e-3))  # fmt: skip
+    first = records(tmp_path / "draft" / "metrics.jsonl")
+    caplog.set_level("WARNING")
+    trainer.run(train_args(tiny_llama, data, d2t, t2d, tmp_path, "--epochs", 1, "--lr", 2e-3))
+    # Not resumed: the warning names the checkpoint and the difference, the old one is kept.
+    assert "not resuming" in caplog.text and "lr: 0.001 -> 0.002" in caplog.text
+    assert (tmp_path / "work" / "checkpoint.stale" / "train_state.pt").is_file()
+    second = records(tmp_path / "draft" / "metrics.jsonl")
+    assert [r["step"] for r in second] == [r["step"] for r in first]  # started from step 1
+    assert second[0]["lr"] == pytest.approx(2e-3)
 
 
 def test_hidden_states_of_another_width_are_refused(tiny_llama, chat_states, tmp_path):
@@ -319,3 +328,34 @@ def test_train_rule_passes_every_train_key_to_the_command(tmp_path):
     assert str(args.d2t) == "results/r/vocab/500/d2t.npy"
     assert str(args.output) == "results/r/draft"
     assert str(args.work_dir) == "results/r/train_work"
+
+
+def test_relaunch_argv_parses_back_to_the_same_options():
+    args = parse("--target", "t", "--data", "a", "b", "--d2t", "x", "--t2d", "y", "--output", "o",
+                 "--work-dir", "w", "--no-norm-before-residual", "--loggers",
+                 "--intermediate-size", 99, "--nproc-per-node", 4)  # fmt: skip
+    again = train_parser().parse_args(launch.to_argv(train_parser(), args))
+    assert vars(again) == {k: v for k, v in vars(args).items() if k not in ("stage", "verbose")}
+    assert again.loggers == [] and again.norm_before_residual is False
+
+
+def test_launch_command_single_node_and_slurm_multi_node(monkeypatch):
+    args = parse("--target", "t", "--data", "a", "--d2t", "x", "--t2d", "y", "--output", "o",
+                 "--work-dir", "w", "--nproc-per-node", 8)  # fmt: skip
+    cmd = launch.launch_command(args, ["--epochs", "1"])
+    assert cmd[:4] == [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    assert cmd[4:6] == ["--nproc-per-node", "8"]
+    assert cmd[-5:] == ["-m", "speculators.cli", "train", "--epochs", "1"]
+
+    args.nnodes = 2
+    monkeypatch.delenv("SLURM_NNODES", raising=False)
+    with pytest.raises(SpeculatorsError, match="--nnodes"):
+        launch.launch_command(args, [])
+    monkeypatch.setenv("SLURM_NNODES", "2")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setattr(launch, "_first_slurm_host", lambda: "node01")
+    cmd = launch.launch_command(args, [])
+    assert cmd[:2] == ["srun", "--ntasks-per-node=1"]
+    i = cmd.index("--rdzv-endpoint")
+    assert cmd[i + 1] == "node01:29500" and "--standalone" not in cmd
+    assert cmd[cmd.index("--nnodes") + 1] == "2" and cmd[cmd.index("--rdzv-id") + 1] == "77"

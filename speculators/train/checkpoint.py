@@ -26,7 +26,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from speculators.errors import SpeculatorsError
 from speculators.fileio import torch_save
 from speculators.train.distributed import DistEnv, barrier
 
@@ -134,25 +133,34 @@ class Checkpointer:
         log.info("checkpoint saved at step %d: %s", progress["global_step"], self.path)
 
     def load(self, model, optimizer, scheduler) -> dict | None:
-        """Restore the state if a checkpoint exists; returns its progress (None: start fresh)."""
+        """Restore the state if a checkpoint exists; returns its progress (None: start fresh).
+
+        A checkpoint of other settings, data or process count cannot continue this run: it is
+        moved aside to `checkpoint.stale/` (replacing an older one) with a warning naming the
+        differences, and training starts over. A changed config thus retrains under Snakemake
+        without manual cleanup, and nothing is deleted unannounced.
+        """
         path = self._existing()
         if path is None:
             return None
         meta = torch.load(path / "train_state.pt", weights_only=False)
-        if meta["world_size"] != self.env.world_size:
-            raise SpeculatorsError(
-                path,
-                f"checkpoint made by {meta['world_size']} process(es), this run has"
-                f" {self.env.world_size}: batches would differ. Use the same process count,"
-                " or delete the folder to start over",
-            )
         diff = fingerprint_diff(meta["fingerprint"], self.fingerprint)
+        if meta["world_size"] != self.env.world_size:
+            diff.append(f"processes: {meta['world_size']} -> {self.env.world_size}")
         if diff:
-            raise SpeculatorsError(
-                path,
-                "checkpoint made with other settings or data (" + "; ".join(diff) + "):"
-                " delete the folder to start over, or train with the same settings",
-            )
+            barrier(self.env)  # every rank has read the metadata before it moves
+            if self.env.is_main:
+                stale = self.work_dir / "checkpoint.stale"
+                shutil.rmtree(stale, ignore_errors=True)
+                path.rename(stale)
+                (self.work_dir / "best_model.pt").unlink(missing_ok=True)
+            barrier(self.env)
+            log.warning(
+                "%s: not resuming, made with other settings or data (%s); moved to %s,"
+                " starting over",
+                path, "; ".join(diff), self.work_dir / "checkpoint.stale",
+            )  # fmt: skip
+            return None
         state = {
             "model": trainable_state_dict(model),
             "optim": get_optimizer_state_dict(model, optimizer),

@@ -84,6 +84,8 @@ def run(args: argparse.Namespace) -> None:
         launch.relaunch(parser, args)
         return
     env = distributed.init()
+    if not env.is_main:  # one rank reports progress; the others only warnings and errors
+        logging.getLogger().setLevel(logging.WARNING)
     try:
         train(args, env)
     finally:
@@ -247,14 +249,13 @@ def train(args: argparse.Namespace, env: distributed.DistEnv) -> None:
     scheduler = build_scheduler(optimizer, total_steps, args.warmup_fraction, args.scheduler)
     ckpt = Checkpointer(args.work_dir, env, fingerprint(args, data, d2t, t2d))
     progress = ckpt.load(model, optimizer, scheduler)
-    resumed = progress is not None
     progress = progress or {
         "epoch": 0, "step_in_epoch": 0, "global_step": 0, "skipped_steps": 0,
         "best_val_loss": math.inf, "best_epoch": None, "wall_time_s": 0.0,
     }  # fmt: skip
     metrics = MetricsLog(
         args.work_dir, args.loggers, env.is_main, vars(args) | {"world_size": world},
-        resume_step=progress["global_step"] if resumed else None,
+        resume_step=progress["global_step"],
     )  # fmt: skip
     metrics.truncate(
         lambda r: (
@@ -372,4 +373,6 @@ def publish(args, target: Path, data, d2t, t2d, tcfg: dict, summary: dict) -> No
         )
         (tmp / "metrics.jsonl").write_text((args.work_dir / "metrics.jsonl").read_text())
         write_json(tmp / "train_summary.json", summary)
+        for f in tmp.iterdir():  # some writers create private (0600) files
+            f.chmod(0o644)
     log.info("published %s (best epoch %s)", args.output, summary["best_epoch"])
