@@ -159,9 +159,6 @@ def test_files_hold_no_wasted_bytes_and_default_dtype_is_bfloat16(llama, tmp_pat
         "num_hidden_layers": 4,
     }
     assert config["format"]["file_pattern"] == "data_{idx}.pt"
-    assert (
-        config["command"].startswith("speculators hidden-states") or "pytest" in config["command"]
-    )
 
 
 class Killed(Exception):

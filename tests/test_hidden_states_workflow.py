@@ -68,6 +68,8 @@ def test_workflow_captures_states_and_vocab_from_prepared_chats(tiny_llama, chat
         data_config["layer_ids"] == [1, 2, 3, 4]
         and len(lengths) == data_config["data"]["num_samples"]
     )
+    assert data_config["command"].startswith("speculators hidden-states --target ")
+    assert data_config["device"].startswith("cpu")
     for idx, n in enumerate(lengths):
         sample = torch.load(wd / f"results/r/hidden_states/chats/data_{idx}.pt", weights_only=True)
         assert sample["input_ids"].shape == (n,)
