@@ -1,4 +1,4 @@
-"""The chunked fp32 KL: same values and gradients as one big chunk, and the metric arithmetic."""
+"""The fused chunked fp32 KL: same values and gradients as plain autograd, and the metric arithmetic."""
 
 import pytest
 import torch
@@ -25,9 +25,7 @@ def test_chunked_kl_equals_a_direct_kl_with_the_same_gradients(rows):
     last = torch.randn(23, 16, generator=g)
     valid = torch.rand(23, generator=g) > 0.3
 
-    kl, correct = step_kl(
-        draft, target, hidden, last, valid, vocab_size=50, chunk_elements=rows * 50
-    )
+    kl, correct = step_kl(hidden, draft.weight, last, target.weight, valid, rows * 50)
     kl.backward()
     assert target.weight.grad is None  # targets carry no gradient
     grad_chunked = (hidden.grad.clone(), draft.weight.grad.clone())
@@ -48,7 +46,8 @@ def test_kl_is_computed_in_fp32_from_bf16_states():
     draft, target = _heads()
     draft, target = draft.to(torch.bfloat16), target.to(torch.bfloat16)
     hidden = torch.randn(9, 16, dtype=torch.bfloat16, requires_grad=True)
-    kl, _ = step_kl(draft, target, hidden, torch.randn(9, 16).bfloat16(), torch.ones(9).bool(), 50)
+    last = torch.randn(9, 16).bfloat16()
+    kl, _ = step_kl(hidden, draft.weight, last, target.weight, torch.ones(9).bool())
     assert kl.dtype == torch.float32 and kl > 0
     kl.backward()
     assert torch.isfinite(hidden.grad.float()).all()
@@ -56,9 +55,8 @@ def test_kl_is_computed_in_fp32_from_bf16_states():
 
 def test_empty_step_gives_zero_and_no_positions():
     draft, target = _heads()
-    kl, correct = step_kl(
-        draft, target, torch.zeros(0, 16), torch.zeros(0, 16), torch.zeros(0).bool(), 50
-    )
+    empty = torch.zeros(0, 16)
+    kl, correct = step_kl(empty, draft.weight, empty, target.weight, torch.zeros(0).bool())
     assert kl.item() == 0.0 and correct.shape == (0,)
 
 

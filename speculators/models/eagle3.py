@@ -320,7 +320,9 @@ class Eagle3DraftModel(nn.Module):
         for name, x in (("input_ids", input_ids), ("aux", aux), ("last", last)):
             if x.shape[:2] != (1, t):
                 raise ValueError(f"{name} must be [1, {t}, ...], got {tuple(x.shape)}")
-        mask, docs, last = loss_mask[0], document_ids[0], last[0]
+        mask, docs = loss_mask[0], document_ids[0]
+        with torch.no_grad():
+            target_x = self.verifier_norm(last[0])
         chain = torch.ones(t, dtype=torch.bool, device=input_ids.device)
         loss = aux.new_zeros((), dtype=torch.float32)
         stats: dict[str, Tensor] = {}
@@ -329,12 +331,11 @@ class Eagle3DraftModel(nn.Module):
             n = max(t - k, 0)
             valid = step_valid_mask(mask, docs, k)
             kl_sum, correct = step_kl(
-                self.draft_logits,
-                self.target_logits,
-                hidden[0, :n],
-                last[k:],
+                self.norm(hidden[0, :n]),
+                self.lm_head.weight,
+                target_x[k:],
+                self.verifier_lm_head.weight,
                 valid,
-                self.config.draft_vocab_size,
             )
             count = valid.sum()
             prev = (valid & chain[:n]).sum()

@@ -1,17 +1,14 @@
 """Per-step TTT loss of the draft: masked forward KL over the draft vocabulary, in fp32, chunk by chunk.
 
-Each chunk of positions recomputes its logits in backward (activation checkpointing), so fp32 logits of
+The gradient is formed chunk by chunk during the forward pass (a fused linear + KL), so fp32 logits of
 all K steps never exist at once. Also the accuracy statistics (sums, so ranks can all-reduce them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 # Elements of one fp32 logits chunk (rows x draft vocab): 2**24 floats = 64 MiB per live tensor.
 CHUNK_ELEMENTS = 1 << 24
@@ -38,49 +35,77 @@ def shifted_tokens(input_ids: Tensor, document_ids: Tensor, step: int) -> Tensor
     return out
 
 
-def _chunk_kl(draft_head, target_head, hidden: Tensor, last: Tensor, valid: Tensor):
-    logits = draft_head(hidden).float()
-    with torch.no_grad():
-        target = target_head(last).float()
-        target_logp = F.log_softmax(target, dim=-1)
-        target_p = target_logp.exp()
-    draft_logp = F.log_softmax(logits, dim=-1)
-    kl = (target_p * (target_logp - draft_logp)).sum(-1)
-    kl_sum = (kl * valid).sum()
-    correct = logits.detach().argmax(-1) == target.argmax(-1)
-    return kl_sum, correct
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+class _FusedStepKL(torch.autograd.Function):
+    """Masked KL(target || draft) summed over positions, with its gradient computed chunk by chunk
+    in the forward pass: only [rows, Vd] fp32 blocks ever exist and nothing is recomputed later."""
+
+    @staticmethod
+    def forward(ctx, x, weight, target_x, target_weight, valid, rows: int):
+        dtype = _compute_dtype(x)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w, tw = weight.to(dtype), target_weight.to(dtype)
+        grad_x = torch.zeros_like(x) if need_x else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_w else None
+        kl_total = torch.zeros((), dtype=torch.float32, device=x.device)
+        correct = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            for start in range(0, x.shape[0], rows):
+                sl = slice(start, start + rows)
+                xc, m = x[sl].to(dtype), valid[sl].to(torch.float32)
+                logits = (xc @ w.T).float()
+                target = (target_x[sl].to(dtype) @ tw.T).float()
+                target_logp = F.log_softmax(target, dim=-1)
+                draft_logp = F.log_softmax(logits, dim=-1)
+                target_p = target_logp.exp()
+                kl_total += ((target_p * (target_logp - draft_logp)).sum(-1) * m).sum()
+                correct[sl] = logits.argmax(-1) == target.argmax(-1)
+                if need_x or need_w:
+                    # d KL / d logits = softmax(draft) - softmax(target), per valid position
+                    g = ((draft_logp.exp() - target_p) * m[:, None]).to(dtype)
+                    if need_x:
+                        grad_x[sl] = (g @ w).to(x.dtype)
+                    if need_w:
+                        grad_w += (g.T @ xc).float()
+        ctx.mark_non_differentiable(correct)
+        ctx.save_for_backward(
+            grad_x if need_x else None, grad_w.to(weight.dtype) if need_w else None
+        )
+        return kl_total, correct
+
+    @staticmethod
+    def backward(ctx, grad_kl, _grad_correct):
+        grad_x, grad_w = ctx.saved_tensors
+        return (
+            grad_x * grad_kl.to(grad_x.dtype) if grad_x is not None else None,
+            grad_w * grad_kl.to(grad_w.dtype) if grad_w is not None else None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def step_kl(
-    draft_head: Callable[[Tensor], Tensor],
-    target_head: Callable[[Tensor], Tensor],
-    hidden: Tensor,
-    last: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    target_x: Tensor,
+    target_weight: Tensor,
     valid: Tensor,
-    vocab_size: int,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> tuple[Tensor, Tensor]:
     """Summed masked KL(target || draft) and per-position greedy agreement for one aligned step.
 
-    hidden [N,H] are the draft's pre-norm states, last [N,H] the target's last-layer states already
-    shifted by the step, valid [N] bool. Returns (kl_sum with grad, correct [N] bool).
+    x [N,H]: the draft's normed output states, weight [Vd,H] its LM head; target_x [N,H]: the
+    target's normed last states already shifted by the step, target_weight [Vd,H]; valid [N] bool.
+    Logits are fp32 (matmuls in the autocast dtype when autocast is on). Returns (kl_sum, correct).
     """
-    n = hidden.shape[0]
-    rows = max(1, chunk_elements // vocab_size)
-    kl_total = hidden.new_zeros((), dtype=torch.float32)
-    correct = []
-    for start in range(0, n, rows):
-        sl = slice(start, start + rows)
-        args = (draft_head, target_head, hidden[sl], last[sl], valid[sl].float())
-        if torch.is_grad_enabled() and hidden.requires_grad:
-            kl_sum, ok = checkpoint(_chunk_kl, *args, use_reentrant=False)
-        else:
-            kl_sum, ok = _chunk_kl(*args)
-        kl_total = kl_total + kl_sum
-        correct.append(ok)
-    if not correct:
-        return kl_total, torch.zeros(0, dtype=torch.bool, device=hidden.device)
-    return kl_total, torch.cat(correct)
+    rows = max(1, chunk_elements // weight.shape[0])
+    return _FusedStepKL.apply(x, weight, target_x.detach(), target_weight.detach(), valid, rows)
 
 
 def step_metrics(stats: dict[str, Tensor | float], ttt_steps: int) -> dict[str, float]:
