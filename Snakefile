@@ -20,6 +20,7 @@ include: "rules/vocab.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
+include: "rules/cleanup.smk"
 
 
 localrules:

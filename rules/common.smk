@@ -123,6 +123,13 @@ def stage_gpus(stage):
     return gpus
 
 
+def hidden_states_output(path):
+    """`path` as temp() when `cleanup_hidden_states` is on: Snakemake then deletes it once every
+    consumer is done, and a missing one does not rerun finished downstream jobs (the samples
+    beside it are deleted by the hidden_states_cleanup rule)."""
+    return temp(path) if config["cleanup_hidden_states"] else path
+
+
 def attempt_runtime(minutes):
     """resources function: `minutes` on the first attempt, doubled on each retry, so a job that
     SLURM stopped at its time limit gets more time when `retries` (profiles/slurm) resubmits it."""
@@ -250,8 +257,13 @@ def final_outputs():
     outputs += [f"resources/datasets/{d}.jsonl" for d in CHITCHAT_DATASETS]
     outputs += [f"results/{run}/prepared/token_freq.pt" for run in RUNS]
     for run in RUNS:
-        outputs += hidden_states_configs(run) + vocab_files(run)
+        outputs += vocab_files(run)
         outputs.append(f"results/{run}/draft")
         outputs.append(f"results/{run}/report/report.html")
+        # With cleanup the hidden states are temp(): asking for them would keep them.
+        if config["cleanup_hidden_states"]:
+            outputs.append(f"results/{run}/hidden_states/cleanup.json")
+        else:
+            outputs += hidden_states_configs(run)
     outputs.append("results/comparison.html")
     return outputs

@@ -7,7 +7,7 @@ rule hidden_states_capture:
         prepared="results/{run}/prepared/{dataset}/dataset",
         target=target_input,
     output:
-        "results/{run}/hidden_states/{dataset}/data_config.json",
+        hidden_states_output("results/{run}/hidden_states/{dataset}/data_config.json"),
     log:
         "logs/hidden_states/capture/{run}/{dataset}.log",
     benchmark:

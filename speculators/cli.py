@@ -40,6 +40,10 @@ STAGES: dict[str, tuple[str, str]] = {
     "evaluate-vllm": ("speculators.evaluate.vllm_eval", "measure acceptance length in vLLM"),
     "report": ("speculators.report.render", "render a run's HTML/Markdown benchmark report"),
     "compare": ("speculators.report.compare", "render the comparison page across runs"),
+    "cleanup-hidden-states": (
+        "speculators.storage",
+        "delete a run's hidden-state samples once its draft is trained",
+    ),
 }
 
 
