@@ -76,10 +76,15 @@ def parallelize(model: nn.Module, env: DistEnv) -> nn.Module:
 
 
 def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """Sum over ranks, in place; the identity on one process."""
-    if env.distributed and env.world_size > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+    """Sum over ranks (a new tensor on t's device); the identity on one process.
+
+    NCCL reduces only GPU tensors, so CPU tensors make a round trip through the device.
+    """
+    if not (env.distributed and env.world_size > 1):
+        return t
+    out = t.to(env.device, copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.device)
 
 
 def barrier(env: DistEnv) -> None:

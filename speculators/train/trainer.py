@@ -128,12 +128,8 @@ def global_counts(batch: dict, ttt_steps: int, env) -> torch.Tensor:
     from speculators.models.loss import step_valid_mask
 
     mask, docs = batch["loss_mask"][0], batch["document_ids"][0]
-    counts = torch.tensor(
-        [float(step_valid_mask(mask, docs, k).sum()) for k in range(ttt_steps)],
-        dtype=torch.float64,
-        device=env.device if env.device.type == "cuda" else "cpu",
-    )
-    return distributed.all_reduce_sum(counts, env).to(torch.float32)
+    counts = torch.stack([step_valid_mask(mask, docs, k).sum() for k in range(ttt_steps)])
+    return distributed.all_reduce_sum(counts.double(), env).float()
 
 
 def train_step(model, batch, optimizer, scheduler, args, env) -> dict:
@@ -144,15 +140,14 @@ def train_step(model, batch, optimizer, scheduler, args, env) -> dict:
         # Loss = token mean over all ranks: step k's KL sum over the global count. FSDP
         # averages gradients over ranks, so each rank's share is scaled up by the world size.
         normalizer = global_counts(batch, args.ttt_steps, env).clamp(min=1) / env.world_size
-        kwargs["count_normalizer"] = normalizer.to(env.device)
+        kwargs["count_normalizer"] = normalizer
     finite_input = torch.isfinite(batch["aux"]).all() & torch.isfinite(batch["last"]).all()
     with autocast(env):
         loss, stats = model(
             **batch, ttt_steps=args.ttt_steps, loss_decay=args.ttt_step_loss_decay, **kwargs
         )
     bad = (~finite_input | ~torch.isfinite(loss.detach())).float().reshape(1)
-    bad = bad.to(env.device if env.device.type == "cuda" else "cpu")
-    if distributed.all_reduce_sum(bad, env).item() == 0:
+    if distributed.all_reduce_sum(bad, env).item() == 0:  # every rank skips, or none
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in model.parameters() if p.requires_grad], args.grad_clip
