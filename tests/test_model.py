@@ -294,3 +294,11 @@ def test_step0_equals_a_transformers_llama_reference(tiny_llama, norm_before_res
             model, batch["input_ids"], batch["aux"], batch["position_ids"]
         )
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_names_a_batch_of_the_wrong_width(tiny_llama):
+    model = tiny_draft(tiny_llama)
+    batch = packed_batch(model, [6])
+    batch["aux"] = batch["aux"][..., :-1]
+    with pytest.raises(ValueError, match=r"aux must have shape \(1, 6, 384\)"):
+        model(**batch, ttt_steps=1)

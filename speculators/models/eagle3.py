@@ -316,10 +316,19 @@ class Eagle3DraftModel(nn.Module):
         count_normalizer [ttt_steps], if given, replaces this batch's count_k as step k's divisor
         (e.g. the count over all ranks divided by the world size, for a global token mean).
         """
-        t = input_ids.shape[1]
-        for name, x in (("input_ids", input_ids), ("aux", aux), ("last", last)):
-            if x.shape[:2] != (1, t):
-                raise ValueError(f"{name} must be [1, {t}, ...], got {tuple(x.shape)}")
+        t, cfg = input_ids.shape[1], self.config
+        expected = {
+            "input_ids": (1, t),
+            "aux": (1, t, cfg.aux_width),
+            "last": (1, t, cfg.target_hidden_size or cfg.hidden_size),
+            "loss_mask": (1, t),
+            "position_ids": (1, t),
+            "document_ids": (1, t),
+        }
+        given = dict(zip(expected, (input_ids, aux, last, loss_mask, position_ids, document_ids)))
+        for name, shape in expected.items():
+            if tuple(given[name].shape) != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {tuple(given[name].shape)}")
         mask, docs = loss_mask[0], document_ids[0]
         with torch.no_grad():
             target_x = self.verifier_norm(last[0])
