@@ -15,6 +15,7 @@ rule evaluate_inprocess:
         "benchmarks/evaluate/inprocess/{run}.tsv"
     conda:
         "../envs/main.yaml"
+    threads: 2
     resources:
         mem_mb=8000,
         runtime=240,

@@ -213,6 +213,13 @@ def evaluate(
     # Warm-up, so one-off allocation and kernel selection do not land in the first timing.
     greedy_decode(target, render_prompt(tokenizer, specs[0].messages)[-max_prompt:], 2, eos)
     jobs, truncated = build_jobs(target, tokenizer, specs, max_new_tokens, max_prompt, eos)
+    base_tokens, base_s = sum(len(j.baseline) for j in jobs), sum(j.seconds for j in jobs)
+    log.info(
+        "baseline: %d turns, %d tokens, %.1f tokens/s",
+        len(jobs),
+        base_tokens,
+        base_tokens / max(base_s, 1e-9),
+    )
     if truncated:
         log.warning("%d prompts longer than %d tokens were truncated", truncated, max_prompt)
     results = []
