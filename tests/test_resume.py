@@ -1,0 +1,172 @@
+"""Natural resume of the whole workflow on a tiny target: the same command again does nothing,
+a changed setting reruns exactly the stages after it, and a run interrupted during training
+finishes with the same command, without redoing earlier stages, with the same draft."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import yaml
+from conftest import REPO, snakemake_cmd
+from examples_support import planned_jobs
+from fixtures import sample_conversations
+
+pytestmark = pytest.mark.slow
+RUN = "r"
+DOWNSTREAM_OF_TRAIN = {"train_draft", "evaluate_inprocess", "report_run", "report_compare"}
+
+
+def tiny_config(tiny_llama, chats) -> dict:
+    return {
+        "models": {"tiny": {"path": str(tiny_llama)}},
+        "datasets": {"chats": {"source": str(chats)}},
+        "runs": {
+            RUN: {
+                "target": "tiny",
+                "datasets": {"chats": {}},
+                "prepare": {"seq_length": 64, "eval_prompts": 4},
+                "hidden_states": {"dtype": "float32", "layer_ids": [1, 2, 3, 4]},
+                "vocab": {"draft_vocab_size": 128},
+                # Enough steps that an interrupt lands mid-training; a checkpoint every 5.
+                "train": {"epochs": 25, "ttt_steps": 2, "total_seq_len": 256, "lr": 0.001,
+                          "checkpoint_every": 5, "loggers": []},
+                "evaluate": {"num_prompts": 2, "max_new_tokens": 8, "vllm": "off"},
+            }
+        },
+    }  # fmt: skip
+
+
+def user_command(workdir, cfgfile) -> list[str]:
+    """What a user types: the auto-loaded profiles/default (rerun-incomplete), fewer cores."""
+    return snakemake_cmd() + [
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        f"--configfile={cfgfile}",
+        "--cores",
+        "2",
+    ]
+
+
+def run(workdir, cfgfile, *args) -> str:
+    proc = subprocess.run(
+        user_command(workdir, cfgfile) + list(args), capture_output=True, text=True, timeout=900
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    return out
+
+
+def finished_rules(out: str) -> set[str]:
+    return {
+        line.split("(Rule: ")[1].rstrip(")")
+        for line in out.splitlines()
+        if line.startswith("Finished jobid") and "(Rule: " in line
+    } - {"all"}
+
+
+def write_config(path, cfg) -> object:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_llama):
+    root = tmp_path_factory.mktemp("resume")
+    chats = root / "chats.jsonl"
+    chats.write_text(
+        "".join(
+            json.dumps({"id": str(i), "conversations": c}) + "\n"
+            for i, c in enumerate(sample_conversations(24))
+        )
+    )
+    cfg = tiny_config(tiny_llama, chats)
+    cfgfile = write_config(root / "config.yaml", cfg)
+    work = root / "work"
+    out = run(work, cfgfile)
+    assert {
+        "prepare_dataset",
+        "hidden_states_capture",
+        "train_draft",
+        "report_run",
+    } <= finished_rules(out)
+    return root, work, cfg, cfgfile
+
+
+def test_second_run_has_nothing_to_do(finished):
+    _, work, _, cfgfile = finished
+    assert "Nothing to be done" in run(work, cfgfile, "-n")
+
+
+def _planned_after_change(finished, tmp_path, stage, key, value) -> set[str]:
+    _, work, cfg, _ = finished
+    changed = json.loads(json.dumps(cfg))
+    changed["runs"][RUN][stage][key] = value
+    cfgfile = write_config(tmp_path / "changed.yaml", changed)
+    return {j["rule"] for j in planned_jobs(work, cfgfile)} - {"all"}
+
+
+def test_training_setting_reruns_training_evaluation_report_only(finished, tmp_path):
+    assert _planned_after_change(finished, tmp_path, "train", "lr", 0.002) == DOWNSTREAM_OF_TRAIN
+
+
+def test_hidden_states_setting_reruns_from_capture_on(finished, tmp_path):
+    planned = _planned_after_change(finished, tmp_path, "hidden_states", "dtype", "bfloat16")
+    assert planned == {"hidden_states_capture"} | DOWNSTREAM_OF_TRAIN
+
+
+def test_data_setting_reruns_from_prepare_on(finished, tmp_path):
+    planned = _planned_after_change(finished, tmp_path, "prepare", "seq_length", 48)
+    assert (
+        planned
+        == {
+            "prepare_dataset",
+            "prepare_combine_freq",
+            "hidden_states_capture",
+            "vocab_mapping",
+        }
+        | DOWNSTREAM_OF_TRAIN
+    )
+
+
+def test_interrupted_training_finishes_with_the_same_command(finished, tmp_path):
+    root, work, _, cfgfile = finished
+    # A copy of the finished run whose training (and everything after it) never happened.
+    resumed = tmp_path / "work"
+    shutil.copytree(work, resumed, symlinks=True)
+    for p in ("draft", "eval", "report", "train_work"):
+        shutil.rmtree(resumed / "results" / RUN / p, ignore_errors=True)
+    (resumed / "results" / "comparison.html").unlink()
+    log = resumed / "logs" / "train" / "draft" / f"{RUN}.log"
+    log.unlink()  # the finished run's log already tells of checkpoints
+
+    proc = subprocess.Popen(user_command(resumed, cfgfile), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and "checkpoint saved at step" in log.read_text():
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "training finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: snakemake and its running job
+    first = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0, first
+    assert not (resumed / "results" / RUN / "draft").exists()  # nothing that looks finished
+    assert (resumed / "results" / RUN / "train_work" / "checkpoint").is_dir()
+
+    out = run(resumed, cfgfile)
+    assert finished_rules(out) == DOWNSTREAM_OF_TRAIN  # prepare, capture, vocab not redone
+    assert "resum" in log.read_text().lower()  # the trainer picked up its checkpoint
+    assert "Nothing to be done" in run(resumed, cfgfile, "-n")
+
+    from safetensors.torch import load_file
+
+    a = load_file(work / "results" / RUN / "draft" / "model.safetensors")
+    b = load_file(resumed / "results" / RUN / "draft" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].equal(b[k]), f"{k} differs after resume"
