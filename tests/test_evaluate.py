@@ -431,3 +431,18 @@ def test_cli_with_an_untrained_draft(tiny_llama, tmp_path, chat_jsonl):
     assert data["aux_layer_ids"] == [1, 2, 3]
     assert [r["k"] for r in data["results"]] == [1, 2]
     assert all(r["greedy_mismatches"] == 0 and r["drafts"] > 0 for r in data["results"])
+
+
+def test_draft_for_another_verifier_name_warns(llama, tiny_llama, tmp_path, caplog):
+    model, _ = llama
+    d = _draft_config(tmp_path / "d", vocab=model.config.vocab_size)  # verifier: some/other-model
+    with caplog.at_level("WARNING"):
+        inprocess.check_draft_matches(
+            d, inprocess.read_draft_info(d), model.config, str(tiny_llama)
+        )
+    assert "trained for verifier some/other-model" in caplog.text
+    caplog.clear()
+    info = inprocess.read_draft_info(d)
+    info.verifier = str(tiny_llama) + "/"
+    inprocess.check_draft_matches(d, info, model.config, str(tiny_llama))
+    assert caplog.text == ""

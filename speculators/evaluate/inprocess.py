@@ -82,9 +82,24 @@ def read_draft_info(draft_dir: Path) -> DraftInfo:
     )
 
 
-def check_draft_matches(draft_dir: Path, info: DraftInfo, target_config) -> None:
+def _same_model(a: str, b: str) -> bool:
+    pa, pb = Path(a), Path(b)
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def check_draft_matches(draft_dir: Path, info: DraftInfo, target_config, target: str = "") -> None:
     """A draft trained for another target fails here, before any decoding."""
     where = Path(draft_dir) / "config.json"
+    if info.verifier and target and not _same_model(info.verifier, target):
+        # Only a warning: the same model may live under another path or hub id.
+        log.warning(
+            "%s: draft was trained for verifier %s, evaluating with %s",
+            where,
+            info.verifier,
+            target,
+        )
     if info.hidden_size is not None and info.hidden_size != target_config.hidden_size:
         raise SpeculatorsError(
             where,
@@ -275,7 +290,7 @@ def run(args: argparse.Namespace) -> None:
     device = _device(args.device)
     info = read_draft_info(args.draft)
     model, tokenizer = load_target(args.target, device, args.dtype)
-    check_draft_matches(args.draft, info, model.config)
+    check_draft_matches(args.draft, info, model.config, str(args.target))
     ks = args.k or ([info.ttt_steps] if info.ttt_steps else None)
     if not ks:
         raise SpeculatorsError(args.draft / "config.json", "no speculative_tokens; pass --k")
