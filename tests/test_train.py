@@ -14,6 +14,7 @@ from train_fixtures import write_hidden_states, write_random_states, write_vocab
 from speculators.cli import build_parser
 from speculators.errors import SpeculatorsError
 from speculators.train import launch, trainer
+from speculators.train.data import HiddenStatesData
 
 DRAFT_VOCAB = 128
 # DCP says it runs without a process group: intended for single-process runs.
@@ -160,6 +161,10 @@ def test_two_process_fsdp_run_equals_single_process_run(tiny_llama, chat_states,
     # Equal lengths: 2 ranks x 40 tokens take the same samples per step as 1 rank x 80;
     # random loss masks make the ranks' token counts differ (the loss is a global mean).
     data = write_random_states(tmp_path / "hs", tiny_llama, [41] * 16, random_masks=True)
+    # A NaN in one training sample: both runs skip that step (all ranks together).
+    vocab = json.loads((tiny_llama / "config.json").read_text())["vocab_size"]
+    opened = HiddenStatesData.open([data], hidden_size=128, vocab_size=vocab, num_layers=4)
+    _poison(data, opened.split(0.25, 0)[0][0])
     common = ["--noise", 0, "--val-fraction", 0.25, "--epochs", 2, "--checkpoint-every", 4]
 
     def args_for(name, seq, *extra):
@@ -175,12 +180,16 @@ def test_two_process_fsdp_run_equals_single_process_run(tiny_llama, chat_states,
     one = records(tmp_path / "one" / "draft" / "metrics.jsonl")
     two = records(tmp_path / "two" / "draft" / "metrics.jsonl")
     assert [(r["split"], r["step"]) for r in one] == [(r["split"], r["step"]) for r in two]
+    assert sum(r["loss"] is None for r in one) == 2  # the skipped steps, logged as null
     for a, b in zip(one, two):
+        if a["loss"] is None:
+            assert b["loss"] is None
+            continue
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
         assert b["loss_k"] == pytest.approx(a["loss_k"], rel=1e-4, abs=1e-6)
         assert b["full_acc"] == pytest.approx(a["full_acc"], abs=1e-6)
     summary = json.loads((tmp_path / "two" / "draft" / "train_summary.json").read_text())
-    assert summary["world_size"] == 2
+    assert summary["world_size"] == 2 and summary["skipped_steps"] == 2  # once per epoch
     wa = torch.load(tmp_path / "one" / "work" / "best_model.pt", weights_only=True)
     wb = torch.load(tmp_path / "two" / "work" / "best_model.pt", weights_only=True)
     assert wa.keys() == wb.keys()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -72,8 +73,9 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        record = _finite_or_none(record)  # NaN is not JSON; a skipped step logs null
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
         scalars = _scalars(record)
         for writer in self.writers:
             writer(record["split"], record["step"], scalars)
@@ -85,11 +87,21 @@ class MetricsLog:
                 close()
 
 
+def _finite_or_none(value):
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def _scalars(record: dict) -> dict[str, float]:
     out = {}
     for key, value in record.items():
         if isinstance(value, list):
-            out.update({f"{key}/{k}": v for k, v in enumerate(value)})
+            out.update({f"{key}/{k}": v for k, v in enumerate(value) if v is not None})
         elif isinstance(value, (int, float)) and key not in ("step", "epoch"):
             out[key] = value
     return out

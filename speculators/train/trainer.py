@@ -24,7 +24,7 @@ from speculators.fileio import atomic_path, write_json
 from speculators.train import distributed, launch
 from speculators.train.checkpoint import Checkpointer, load_trainable_state_dict
 from speculators.train.data import BatchLoader, HiddenStatesData, load_vocab_mapping
-from speculators.train.metrics import MetricsLog, stats_vector, summarize
+from speculators.train.metrics import STAT_KINDS, MetricsLog, stats_vector, summarize
 from speculators.train.optim import SCHEDULERS, build_optimizer, build_scheduler
 from speculators.train.packing import plan_epoch
 
@@ -183,11 +183,20 @@ def evaluate(model, loader: BatchLoader, bins, args, env) -> dict | None:
             _, stats = model(**batch, ttt_steps=args.ttt_steps, loss_decay=args.ttt_step_loss_decay)
         tokens = int((batch["document_ids"] >= 0).sum())
         vec = stats_vector(stats, args.ttt_steps, tokens)
+        if not torch.isfinite(vec).all():  # a corrupt sample must not poison the whole metric
+            log.warning("validation batch with NaN/inf loss left out")
+            continue
         total = vec if total is None else total + vec
     model.train()
-    return summarize(
+    if total is None:
+        total = torch.zeros(args.ttt_steps * len(STAT_KINDS) + 1, dtype=torch.float64)
+    val = summarize(
         distributed.all_reduce_sum(total, env), args.ttt_steps, args.ttt_step_loss_decay
     )
+    if val["supervised_tokens"] == 0:
+        log.warning("validation split has no supervised tokens; the last epoch counts as best")
+        return None
+    return val
 
 
 def build_model(args, target: Path, data: HiddenStatesData, d2t, t2d):
@@ -324,9 +333,11 @@ def train(args: argparse.Namespace, env: distributed.DistEnv) -> None:
             log.info("epoch %d validation: loss %.4f, full_acc %s, acceptance length ~%.2f",
                      epoch, val["loss"], [round(a, 3) for a in val["full_acc"]],
                      val["acceptance_length_estimate"])  # fmt: skip
-        val_loss = val["loss"] if val is not None else -float(epoch)  # no val: the last is best
-        if val_loss < progress["best_val_loss"]:
-            progress.update(best_val_loss=val_loss, best_epoch=epoch)
+        if val is None:  # nothing to validate on: the latest weights are the best known
+            progress.update(best_epoch=epoch)
+            ckpt.save_best(model)
+        elif val["loss"] < progress["best_val_loss"]:
+            progress.update(best_val_loss=val["loss"], best_epoch=epoch)
             ckpt.save_best(model)
         progress.update(epoch=epoch + 1, step_in_epoch=0)
         progress["wall_time_s"] = time.perf_counter() - started
@@ -334,6 +345,9 @@ def train(args: argparse.Namespace, env: distributed.DistEnv) -> None:
 
     # -- publish the best weights, last and atomically ----------------------------------------
     metrics.close()
+    if progress["best_epoch"] is None:  # validation never gave a finite loss: publish the last
+        log.warning("no finite validation loss in any epoch; publishing the last weights")
+        ckpt.save_best(model)
     if env.is_main:
         summary = {
             "steps": progress["global_step"],
@@ -345,7 +359,9 @@ def train(args: argparse.Namespace, env: distributed.DistEnv) -> None:
             "skipped_steps": progress["skipped_steps"],
             "dropped_samples": 0,
             "best_epoch": progress["best_epoch"],
-            "best_val_loss": progress["best_val_loss"] if val_idx else None,
+            "best_val_loss": (
+                progress["best_val_loss"] if math.isfinite(progress["best_val_loss"]) else None
+            ),
             "wall_time_s": round(progress["wall_time_s"], 1),
         }
         publish(args, target, data, d2t, t2d, tcfg, summary)
