@@ -12,7 +12,7 @@ rule assets_export_model:
         "../envs/main.yaml"
     resources:
         mem_mb=4000,
-        runtime=30,
+        runtime=attempt_runtime(30),
     params:
         package=lookup(dpath="models/{model}/gguf_package", within=config),
         gguf_file=lookup(dpath="models/{model}/gguf_file", within=config),
@@ -33,6 +33,6 @@ rule assets_export_chats:
         "../envs/main.yaml"
     resources:
         mem_mb=2000,
-        runtime=10,
+        runtime=attempt_runtime(10),
     shell:
         "speculators export-chats --output {output:q} > {log:q} 2>&1"

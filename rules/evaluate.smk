@@ -18,8 +18,9 @@ rule evaluate_inprocess:
     threads: 2
     resources:
         mem_mb=8000,
-        runtime=240,
+        runtime=attempt_runtime(240),
         gpu=stage_gpus("evaluate"),
+        cpus_per_gpu=8,
     params:
         target=target_of,
         k=eval_ks,
@@ -52,8 +53,9 @@ rule evaluate_vllm:
         "../envs/vllm.yaml"
     resources:
         mem_mb=16000,
-        runtime=240,
+        runtime=attempt_runtime(240),
         gpu=stage_gpus("evaluate"),
+        cpus_per_gpu=8,
     params:
         target=target_of,
         k=eval_ks,

@@ -16,8 +16,9 @@ rule hidden_states_capture:
         "../envs/main.yaml"
     resources:
         mem_mb=16000,
-        runtime=720,
+        runtime=attempt_runtime(720),
         gpu=stage_gpus("hidden_states"),
+        cpus_per_gpu=8,
     params:
         target=target_of,
         outdir=subpath(output[0], parent=True),

@@ -19,8 +19,9 @@ rule prepare_regenerate:
     threads: 4
     resources:
         mem_mb=8000,
-        runtime=480,
+        runtime=attempt_runtime(480),
         gpu=stage_gpus("regenerate"),
+        cpus_per_gpu=8,
     params:
         target=target_of,
         source=source_of,
@@ -63,7 +64,7 @@ rule prepare_dataset:
     threads: lookup(dpath="runs/{run}/prepare/num_proc", within=config)
     resources:
         mem_mb=8000,
-        runtime=120,
+        runtime=attempt_runtime(120),
     params:
         target=target_of,
         source=prepare_source,
@@ -98,6 +99,6 @@ rule prepare_combine_freq:
         "../envs/main.yaml"
     resources:
         mem_mb=2000,
-        runtime=10,
+        runtime=attempt_runtime(10),
     shell:
         "speculators combine-freq {input:q} --output {output:q} > {log:q} 2>&1"

@@ -32,7 +32,7 @@ rule report_run:
         "../envs/main.yaml"
     resources:
         mem_mb=2000,
-        runtime=10,
+        runtime=attempt_runtime(10),
     params:
         run_config=run_config_json,
         hidden_states=hidden_states_dirs,
@@ -65,6 +65,6 @@ rule report_compare:
         "../envs/main.yaml"
     resources:
         mem_mb=1000,
-        runtime=5,
+        runtime=attempt_runtime(5),
     shell:
         "speculators compare --summary {input:q} --output {output:q} > {log:q} 2>&1"

@@ -20,8 +20,9 @@ rule train_draft:
     threads: 4
     resources:
         mem_mb=16000,
-        runtime=1440,
+        runtime=attempt_runtime(1440),
         gpu=stage_gpus("train"),
+        cpus_per_gpu=8,
     params:
         target=target_of,
         data=train_data_dirs,

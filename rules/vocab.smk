@@ -19,7 +19,7 @@ rule vocab_mapping:
         "../envs/main.yaml"
     resources:
         mem_mb=2000,
-        runtime=10,
+        runtime=attempt_runtime(10),
     params:
         target=target_of,
         outdir=subpath(output.d2t, parent=True),

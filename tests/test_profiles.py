@@ -2,6 +2,7 @@
 from the resources a dry run shows) matches what the rule declares; the profiles stay commented,
 site-neutral and in step with each other and with the multi-node example."""
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -120,3 +121,12 @@ def test_profile_is_site_neutral_and_every_entry_commented(profile):
     for i, line in enumerate(lines):
         if line.strip() and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
             assert lines[i - 1].lstrip().startswith("#"), f"{path}:{i + 1} has no comment: {line}"
+
+
+def test_every_rule_scales_its_runtime_with_the_attempt():
+    # profiles/slurm retries failed jobs; one killed at its time limit must get more time.
+    for smk in (REPO / "rules").glob("*.smk"):
+        text = smk.read_text()
+        runtimes = re.findall(r"^\s+runtime=(.+),$", text, flags=re.M)
+        assert len(runtimes) == len(re.findall(r"^rule \w+:", text, flags=re.M)), smk.name
+        assert all(r.startswith("attempt_runtime(") for r in runtimes), (smk.name, runtimes)
