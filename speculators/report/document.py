@@ -58,7 +58,7 @@ def fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, (list, tuple)):
-        return ", ".join(fmt(x) for x in v)
+        return ", ".join(fmt(x) for x in v) if v else "(none)"
     return str(v)
 
 
