@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+from speculators.devices import slurm_nodes
 from speculators.errors import SpeculatorsError
 
 log = logging.getLogger(__name__)
@@ -47,14 +48,6 @@ def to_argv(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[s
     return argv
 
 
-def _first_slurm_host() -> str:
-    nodelist = os.environ["SLURM_JOB_NODELIST"]
-    out = subprocess.run(
-        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
-    )
-    return out.stdout.split()[0]
-
-
 def launch_command(args: argparse.Namespace, worker_argv: list[str]) -> list[str]:
     # torchrun as a module of this interpreter: no reliance on PATH or an activated venv.
     torchrun = [sys.executable, "-m", "torch.distributed.run"]
@@ -62,12 +55,14 @@ def launch_command(args: argparse.Namespace, worker_argv: list[str]) -> list[str
     tail = ["-m", "speculators.cli", "train", *worker_argv]
     if args.nnodes == 1:
         return [*torchrun, "--standalone", *module[len(torchrun) :], *tail]
-    slurm_nodes = int(os.environ.get("SLURM_NNODES", "1"))
-    if slurm_nodes < args.nnodes:
+    # Not SLURM_NNODES/SLURM_JOB_NODELIST: the SLURM executor plugin removes them from the
+    # rule's environment; slurm_nodes() asks scontrol for the job's hosts.
+    hosts = slurm_nodes()
+    if len(hosts) < args.nnodes:
         raise SpeculatorsError(
             "--nnodes",
-            f"{args.nnodes} nodes need a SLURM allocation of as many (SLURM_NNODES is"
-            f" {os.environ.get('SLURM_NNODES', 'unset')}); elsewhere start torchrun yourself",
+            f"{args.nnodes} nodes need a SLURM allocation of as many (this job has"
+            f" {len(hosts) or 'no SLURM allocation'}); elsewhere start torchrun yourself",
         )
     rdzv = [
         "--nnodes",
@@ -75,7 +70,7 @@ def launch_command(args: argparse.Namespace, worker_argv: list[str]) -> list[str
         "--rdzv-backend",
         "c10d",
         "--rdzv-endpoint",
-        f"{_first_slurm_host()}:{RDZV_PORT}",
+        f"{hosts[0]}:{RDZV_PORT}",
         "--rdzv-id",
         os.environ.get("SLURM_JOB_ID", "speculators-train"),
     ]

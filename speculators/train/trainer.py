@@ -78,6 +78,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    if torch.cuda.is_available() and args.nproc_per_node > torch.cuda.device_count():
+        raise SpeculatorsError(
+            "--nproc-per-node",
+            f"{args.nproc_per_node} processes (one per GPU) but {torch.cuda.device_count()}"
+            " GPU(s) visible",
+        )
     if launch.needs_launch(args):
         parser = argparse.ArgumentParser()
         add_arguments(parser)
