@@ -357,12 +357,11 @@ def test_launch_command_single_node_and_slurm_multi_node(monkeypatch):
     assert cmd[-5:] == ["-m", "speculators.cli", "train", "--epochs", "1"]
 
     args.nnodes = 2
-    monkeypatch.delenv("SLURM_NNODES", raising=False)
+    monkeypatch.setattr(launch, "slurm_nodes", lambda: ["node01"])  # one node only
     with pytest.raises(SpeculatorsError, match="--nnodes"):
         launch.launch_command(args, [])
-    monkeypatch.setenv("SLURM_NNODES", "2")
     monkeypatch.setenv("SLURM_JOB_ID", "77")
-    monkeypatch.setattr(launch, "_first_slurm_host", lambda: "node01")
+    monkeypatch.setattr(launch, "slurm_nodes", lambda: ["node01", "node02"])
     cmd = launch.launch_command(args, [])
     assert cmd[:2] == ["srun", "--ntasks-per-node=1"]
     i = cmd.index("--rdzv-endpoint")
