@@ -187,7 +187,7 @@ def test_comparison_page_lists_every_run(run_files, tmp_path):
                  "--output", str(out)]) == 0  # fmt: skip
     html = out.read_text()
     assert RUN in html and "two-layer" in html and "K=3: 1.900" in html and "K=3: 1.450" in html
-    assert "tiny-run/report/report.html" in html
+    assert '<a href="tiny-run/report/report.html">' in html
     assert "data:image/png;base64," in html
     bad = tmp_path / "bad.json"
     bad.write_text("[]")

@@ -12,7 +12,7 @@ from pathlib import Path
 from speculators.errors import SpeculatorsError
 from speculators.fileio import read_json, write_text
 from speculators.report import plots
-from speculators.report.document import Section, to_html
+from speculators.report.document import Link, Section, to_html
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,6 +34,7 @@ def comparison_sections(summaries: list[dict], out_dir: Path) -> list[Section]:
     rows = []
     for s in summaries:
         report = os.path.relpath(s["report"], out_dir) if s.get("report") else None
+        report = Link(report, report) if report else None
         datasets = ", ".join(f"{n} ({r})" for n, r in (s.get("datasets") or {}).items())
         speed = (s.get("speedup") or {}).get("transformers") or {}
         rows.append([s["run"], s.get("target"), datasets or None, s.get("num_layers"), s.get("ttt_steps"),

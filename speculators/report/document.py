@@ -62,6 +62,25 @@ def fmt(v) -> str:
     return str(v)
 
 
+@dataclass
+class Link:
+    """A table cell that links to another page (relative href)."""
+
+    text: str
+    href: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _html_cell(c) -> str:
+    if isinstance(c, Link):
+        return f'<td><a href="{html.escape(c.href)}">{html.escape(c.text)}</a></td>'
+    if _is_num(c):
+        return f'<td class="num">{html.escape(fmt(c))}</td>'
+    return f"<td>{html.escape(fmt(c))}</td>"
+
+
 def _is_num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -83,17 +102,7 @@ def to_html(title: str, sections: list[Section]) -> str:
                 out.append(f'<div class="{b[0]}">{e(b[1])}</div>')
             elif b[0] == "table":
                 head = "".join(f"<th>{e(h)}</th>" for h in b[1])
-                body = "".join(
-                    "<tr>"
-                    + "".join(
-                        f'<td class="num">{e(fmt(c))}</td>'
-                        if _is_num(c)
-                        else f"<td>{e(fmt(c))}</td>"
-                        for c in row
-                    )
-                    + "</tr>"
-                    for row in b[2]
-                )
+                body = "".join("<tr>" + "".join(map(_html_cell, row)) + "</tr>" for row in b[2])
                 out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
             elif b[0] == "img":
                 out.append(f'<img alt="{e(b[2])}" src="data:image/png;base64,{b[1]}">')
