@@ -128,18 +128,26 @@ def bench_step(d: dict, device, steps: int, num_layers: int) -> dict:
         opt.zero_grad(set_to_none=True)
 
     one()  # warm-up: optimizer state, flex compilation
-    times = []
+    times, cpu_times = [], []
     with PeakMemory(device) as mem:
         for _ in range(steps):
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             one()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
     best = min(times)
-    return {"step_s": best, "tokens_per_s": d["T"] / best, "peak_mib": mem.peak / 2**20}
+    # cpu_s (process CPU time) tells how much of a slow wall time was other processes' load
+    return {
+        "step_s": best,
+        "tokens_per_s": d["T"] / best,
+        "cpu_s": min(cpu_times),
+        "peak_mib": mem.peak / 2**20,
+        "load_avg_1m": os.getloadavg()[0],
+    }
 
 
 def naive_loss(model, states, last, valid):

@@ -72,9 +72,9 @@ class _FusedStepKL(torch.autograd.Function):
                     if need_w:
                         grad_w += (g.T @ xc).float()
         ctx.mark_non_differentiable(correct)
-        ctx.save_for_backward(
-            grad_x if need_x else None, grad_w.to(weight.dtype) if need_w else None
-        )
+        # Kept until backward: in the compute dtype (bf16 under autocast), K of them are alive.
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_x if need_x else None, grad_w.to(dtype) if need_w else None)
         return kl_total, correct
 
     @staticmethod
@@ -82,7 +82,9 @@ class _FusedStepKL(torch.autograd.Function):
         grad_x, grad_w = ctx.saved_tensors
         return (
             grad_x * grad_kl.to(grad_x.dtype) if grad_x is not None else None,
-            grad_w * grad_kl.to(grad_w.dtype) if grad_w is not None else None,
+            (grad_w * grad_kl.to(grad_w.dtype)).to(ctx.weight_dtype)
+            if grad_w is not None
+            else None,
             None,
             None,
             None,
