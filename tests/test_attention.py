@@ -66,3 +66,18 @@ def test_auto_is_dense_on_cpu_and_unknown_kind_fails():
     assert TTTAttention(torch.zeros(4).long(), "auto").kind == "dense"
     with pytest.raises(ValueError, match="attention"):
         TTTAttention(torch.zeros(4).long(), "eager")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled flex attention needs CUDA")
+def test_compiled_flex_on_cuda_matches_dense_with_gradients(tiny_llama):
+    model = tiny_draft(tiny_llama, num_layers=2).cuda()
+    batch = {k: v.cuda() for k, v in packed_batch(model, [100, 60, 90], pad=6).items()}
+    grads = {}
+    for kind in ("dense", "flex"):
+        model.zero_grad()
+        loss, stats = model(**batch, ttt_steps=3, attention=kind)
+        loss.backward()
+        grads[kind] = (loss.detach(), model.fc.weight.grad.clone(), stats["full_0"])
+    torch.testing.assert_close(grads["dense"][0], grads["flex"][0], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(grads["dense"][1], grads["flex"][1], rtol=1e-2, atol=1e-5)
+    assert grads["dense"][2] == grads["flex"][2]
