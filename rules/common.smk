@@ -189,11 +189,11 @@ def eval_device(wildcards):
 
 
 def eval_results(wildcards):
-    """Eval JSONs a run's report reads: in-process, plus vLLM's unless evaluate.vllm is off."""
+    """Eval JSONs a run's report reads: in-process and vLLM's (which says why when skipped,
+    including evaluate.vllm: off, so the report can show the reason)."""
     run = wildcards.run
     out = [f"results/{run}/eval/inprocess.json"]
-    vllm_defined = any(r.name == "evaluate_vllm" for r in workflow.rules)
-    if vllm_defined and RUNS[run]["evaluate"]["vllm"] != "off":
+    if any(r.name == "evaluate_vllm" for r in workflow.rules):
         out.append(f"results/{run}/eval/vllm.json")
     return out
 

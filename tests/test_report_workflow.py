@@ -52,14 +52,20 @@ def finished_run(tmp_path, tiny_llama, chat_jsonl):
 @pytest.mark.slow
 def test_evaluate_and_report_rules_then_snakemake_report(finished_run):
     work, cfg = finished_run
-    allowed = ["--allowed-rules", "evaluate_inprocess", "report_run", "report_compare"]
+    allowed = [
+        "--allowed-rules",
+        "evaluate_inprocess",
+        "evaluate_vllm",
+        "report_run",
+        "report_compare",
+    ]
     targets = [f"results/{RUN}/report/report.html", "results/comparison.html"]
     run_snakemake(work, *targets, *allowed, configfile=cfg, check=True)
     ev = json.loads((work / "results" / RUN / "eval" / "inprocess.json").read_text())
     assert [r["k"] for r in ev["results"]] == [1, 2] and ev["num_prompts"] == 2
     assert all(r["greedy_mismatches"] == 0 for r in ev["results"])
     html = (work / "results" / RUN / "report" / "report.html").read_text()
-    assert "Acceptance" in html and "No vLLM measurement" in html
+    assert "Acceptance" in html and "vllm evaluator skipped: disabled in the config" in html
     # every job logged and benchmarked; the report read the evaluate job's benchmark
     assert (work / "logs/evaluate/inprocess" / f"{RUN}.log").is_file()
     assert (work / "benchmarks/evaluate/inprocess" / f"{RUN}.tsv").is_file()
