@@ -93,7 +93,7 @@ def _tree(root: Path) -> dict[str, Path]:
 
 def _same_content(a: Path, b: Path) -> bool:
     """Byte-equal, or for torch/JSON files equal once loaded: torch.save embeds the temporary
-    file name and a random serialization id, and stats.json records the job's wall time."""
+    file name and a random serialization id; JSON records wall times and creation times."""
     if filecmp.cmp(a, b, shallow=False):
         return True
     if a.suffix == ".pt":
@@ -101,15 +101,17 @@ def _same_content(a: Path, b: Path) -> bool:
 
         return _equal(torch.load(a, weights_only=False), torch.load(b, weights_only=False))
     if a.suffix == ".json":
-        return _drop_timing(json.loads(a.read_text())) == _drop_timing(json.loads(b.read_text()))
+        return _drop_volatile(json.loads(a.read_text())) == _drop_volatile(
+            json.loads(b.read_text())
+        )
     return False
 
 
-def _drop_timing(obj):
+def _drop_volatile(obj):
     if isinstance(obj, dict):
-        return {k: _drop_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
+        return {k: _drop_volatile(v) for k, v in obj.items() if k not in VOLATILE_KEYS}
     if isinstance(obj, list):
-        return [_drop_timing(v) for v in obj]
+        return [_drop_volatile(v) for v in obj]
     return obj
 
 
@@ -125,7 +127,8 @@ def _equal(x, y) -> bool:
     return x == y
 
 
-TIMING_KEYS = {"seconds", "elapsed_s", "wall_s", "created", "timestamp"}
+# Wall times, creation times and the thread count in a job's device line differ between runs.
+VOLATILE_KEYS = {"seconds", "elapsed_s", "wall_s", "created_at", "timestamp", "device"}
 
 
 def _finished_rules(output: str) -> list[str]:
@@ -145,25 +148,36 @@ def test_workflow_through_slurm_matches_local_run(slurm_cluster, tiny_llama, tmp
                 "target": "tiny",
                 "datasets": {"chitchat": {"max_samples": 40}},
                 "prepare": {"seq_length": 64, "eval_prompts": 4},
+                "hidden_states": {"dtype": "float32", "layer_ids": [1, 2, 3, 4]},
+                "vocab": {"draft_vocab_size": 128},
             }
         },
     }
     cfgfile = tmp_path / "config.yaml"
     cfgfile.write_text(yaml.safe_dump(cfg))
-    # The chats, their tokenisation and the run's token counts: three jobs in a chain.
-    target = "results/tiny-chitchat/prepared/token_freq.pt"
+    # The chats, their tokenisation, the hidden states (on CPU) and the vocab: five jobs.
+    targets = [
+        "results/tiny-chitchat/hidden_states/chitchat/data_config.json",
+        "results/tiny-chitchat/vocab/128/d2t.npy",
+    ]
     local, cluster = tmp_path / "local", tmp_path / "slurm"
     local.mkdir()
     cluster.mkdir()
 
-    run_snakemake(local, target, configfile=cfgfile, check=True)
+    run_snakemake(local, *targets, configfile=cfgfile, check=True)
 
     since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 5))
-    proc = slurm_snakemake(cluster, "slurm", target, "--configfile", str(cfgfile))
+    proc = slurm_snakemake(cluster, "slurm", *targets, f"--configfile={cfgfile}")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     ran = _finished_rules(out)
-    assert sorted(ran) == ["assets_export_chats", "prepare_combine_freq", "prepare_dataset"], out
+    assert sorted(ran) == [
+        "assets_export_chats",
+        "hidden_states_capture",
+        "prepare_combine_freq",
+        "prepare_dataset",
+        "vocab_mapping",
+    ], out
 
     # Every rule ran as its own SLURM job: sacct knows each, by the plugin's rule comment.
     jobs = _wait_for_accounting(cluster, since, len(ran))
@@ -184,7 +198,7 @@ def test_workflow_through_slurm_matches_local_run(slurm_cluster, tiny_llama, tmp
         assert not differ, f"outputs differ between local and SLURM runs: {differ}"
 
     # A second submission finds nothing to do (no job submitted).
-    again = slurm_snakemake(cluster, "slurm", target, "--configfile", str(cfgfile))
+    again = slurm_snakemake(cluster, "slurm", *targets, f"--configfile={cfgfile}")
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
 
