@@ -121,16 +121,26 @@ def provenance_section(inputs: RunInputs) -> Section:
     verifier = (draft.get("speculators_config") or {}).get("verifier") or {}
     methods = (draft.get("speculators_config") or {}).get("proposal_methods") or [{}]
     tgt = dc.get("target") or {}
-    ev = next(iter(inputs.evals.values()), {})
+    ev = inputs.evals.get("transformers") or next(iter(inputs.evals.values()), {})
     datasets = ", ".join(
         f"{name} ({st.get('rows_out', '?')} rows, {st.get('conversations_out', '?')} conversations)"
         for name, st in inputs.prepared.items()
     )
+    target_path = _first(tgt.get("path"), verifier.get("name_or_path"))
+    hidden = _first(tgt.get("hidden_size"), layer.get("hidden_size"))
+    devices = [f"{b}: {e['device']}" for b, e in inputs.evals.items() if e.get("device")]
+    versions = [f"{k} {v}" for k, v in (dc.get("package_versions") or {}).items() if v]
+    evaluation = None
+    if ev.get("results"):
+        evaluation = (
+            f"{ev.get('num_prompts')} prompts, {ev.get('max_new_tokens')} new tokens, "
+            f"temperature {ev.get('temperature')}"
+        )
     kv = [
         ("run", inputs.run),
-        ("target", _first(inputs.run_config.get("target"), tgt.get("path"), verifier.get("name_or_path"))),
-        ("target path", _first(tgt.get("path"), verifier.get("name_or_path"))),
-        ("target hidden size / layers", f"{_first(tgt.get('hidden_size'), layer.get('hidden_size'))} / {tgt.get('num_hidden_layers', '?')}"),
+        ("target", _first(inputs.run_config.get("target"), target_path)),
+        ("target path", target_path),
+        ("target hidden size / layers", f"{hidden} / {tgt.get('num_hidden_layers', '?')}"),
         ("target vocab size", _first(tgt.get("vocab_size"), layer.get("vocab_size"))),
         ("draft vocab size", draft.get("draft_vocab_size")),
         ("datasets", datasets or None),
@@ -138,13 +148,19 @@ def provenance_section(inputs: RunInputs) -> Section:
         ("draft aux layer ids", draft.get("eagle_aux_hidden_state_layer_ids")),
         ("draft decoder layers", layer.get("num_hidden_layers")),
         ("ttt_steps (speculative tokens)", methods[0].get("speculative_tokens")),
-        ("hidden-states backend / device", f"{dc.get('backend', '?')} / {dc.get('device', '?')}" if dc else None),
-        ("evaluation device", ", ".join(f"{b}: {e.get('device')}" for b, e in inputs.evals.items() if e.get("device")) or None),
-        ("evaluation", f"{ev.get('num_prompts')} prompts, {ev.get('max_new_tokens')} new tokens, temperature {ev.get('temperature')}" if ev else None),
-        ("package versions (hidden states)", ", ".join(f"{k} {v}" for k, v in (dc.get("package_versions") or {}).items() if v) or None),
+        (
+            "hidden-states backend / device",
+            f"{dc.get('backend')} / {dc.get('device')}" if dc else None,
+        ),
+        ("evaluation device", ", ".join(devices) or None),
+        ("evaluation", evaluation),
+        ("package versions (hidden states)", ", ".join(versions) or None),
         ("package versions (report)", _versions()),
-        ("report machine", f"{platform.node()} ({platform.machine()}, Python {platform.python_version()})"),
-    ]  # fmt: skip
+        (
+            "report machine",
+            f"{platform.node()} ({platform.machine()}, Python {platform.python_version()})",
+        ),
+    ]
     s.table(["setting", "value"], [[k, v] for k, v in kv])
     if inputs.run_config:
         s.text("The run's configuration (after defaults):")
