@@ -446,3 +446,15 @@ def test_draft_for_another_verifier_name_warns(llama, tiny_llama, tmp_path, capl
     info.verifier = str(tiny_llama) + "/"
     inprocess.check_draft_matches(d, info, model.config, str(tiny_llama))
     assert caplog.text == ""
+
+
+def test_sampled_evaluation_reports_no_greedy_mismatch_count(llama, prompts):
+    model, _ = llama
+    jobs = [inprocess.Job("0", prompts[0], _baseline(model, prompts[:1])[0], 1.0)]
+    row = inprocess.measure_k(
+        Target(model, AUX), Oracle(model, check_aux=False), jobs, 2, MAX_NEW, set(), 1.0, 0
+    )
+    assert row["greedy_mismatches"] is None
+    assert row["output_tokens"] == MAX_NEW and 1.0 <= row["acceptance_length"] <= 3.0
+    rates = row["per_position_acceptance"]
+    assert rates[0] >= rates[1]
