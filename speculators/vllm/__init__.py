@@ -43,7 +43,10 @@ def run_in_vllm_python(python: str | os.PathLike, argv: list[str]) -> int:
     editable install came from another clone.
     """
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    # Only a source checkout: an installed package's parent is site-packages, whose torch
+    # would shadow the vLLM environment's own.
+    if (REPO / "pyproject.toml").is_file():
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     cmd = [str(python), "-m", "speculators.cli", *argv]
     sys.stdout.flush()
     sys.stderr.flush()
