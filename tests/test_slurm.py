@@ -39,10 +39,10 @@ def slurm_cluster():
         pytest.skip(reason)
 
 
-def slurm_snakemake(workdir: Path, profile: str, *args: str, snakefile: Path | None = None):
-    """Run snakemake through a workflow profile with the executor plugin, as a user would;
-    the site settings go on the command line as README 'Running on SLURM' documents."""
-    cmd = snakemake_cmd() + [
+def slurm_cmd(workdir: Path, profile: str, *args: str, snakefile: Path | None = None) -> list:
+    """snakemake through a workflow profile with the executor plugin, as a user runs it; the
+    site settings go on the command line as README 'Running on SLURM' documents."""
+    return snakemake_cmd() + [
         "-s",
         str(snakefile or REPO / "Snakefile"),
         "--directory",
@@ -59,29 +59,45 @@ def slurm_snakemake(workdir: Path, profile: str, *args: str, snakefile: Path | N
         "5",
         *args,
     ]
+
+
+def slurm_snakemake(workdir: Path, profile: str, *args: str, snakefile: Path | None = None):
+    cmd = slurm_cmd(workdir, profile, *args, snakefile=snakefile)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
 
 
 def sacct_jobs(workdir: Path, since: str) -> list[dict]:
     """Jobs sacct recorded since `since` that ran in `workdir` (one row per job allocation)."""
     proc = subprocess.run(
-        ["sacct", "-X", "-n", "-P", "-S", since, "-o", "JobID,JobName,State,Comment,WorkDir"],
+        [
+            "sacct",
+            "-X",
+            "-n",
+            "-P",
+            "-S",
+            since,
+            "-o",
+            "JobID,JobName,State,Comment,WorkDir,Timelimit",
+        ],
         capture_output=True,
         text=True,
         check=True,
     )
     rows = [
-        dict(zip(["id", "name", "state", "comment", "workdir"], line.split("|")))
+        dict(zip(["id", "name", "state", "comment", "workdir", "timelimit"], line.split("|")))
         for line in proc.stdout.splitlines()
     ]
     return [r for r in rows if Path(r["workdir"]).resolve() == workdir.resolve()]
+
+
+ACTIVE = {"PENDING", "RUNNING", "COMPLETING", "REQUEUED", "SUSPENDED"}
 
 
 def _wait_for_accounting(workdir: Path, since: str, n: int) -> list[dict]:
     """slurmctld forwards finished jobs to slurmdbd asynchronously: give it a few seconds."""
     for _ in range(30):
         jobs = sacct_jobs(workdir, since)
-        if len(jobs) >= n and all(j["state"] == "COMPLETED" for j in jobs):
+        if len(jobs) >= n and not any(j["state"] in ACTIVE for j in jobs):
             return jobs
         time.sleep(1)
     return sacct_jobs(workdir, since)
@@ -236,6 +252,52 @@ def test_multinode_style_job_finds_its_nodes_without_slurm_env(slurm_cluster, tm
         "SLURM_JOB_NODELIST" not in seen["env"]
     )  # what the plugin strips (why slurm_nodes asks scontrol)
     assert seen["nodes"] == [socket.gethostname().split(".")[0]]
+
+
+def _smk_function(name: str) -> str:
+    """Source of one helper function of rules/common.smk (the file itself needs a config)."""
+    text = (REPO / "rules" / "common.smk").read_text()
+    start = text.index(f"def {name}(")
+    end = text.find("\n\n\ndef ", start)
+    return text[start : end if end > 0 else None] + "\n"
+
+
+TIMEOUT_SNAKEFILE = """
+{helper}
+
+rule slow:
+    output: "done.txt"
+    resources: mem_mb=200, runtime=attempt_runtime(10)
+    # Attempt 1 (10 min) overruns the limit the test imposes; attempt 2 (20 min) finishes.
+    shell: "if [ {{resources.runtime}} -eq 10 ]; then sleep 600; fi; echo {{resources.runtime}} > {{output}}"
+"""
+
+
+def test_job_killed_at_its_time_limit_is_retried_with_twice_the_time(slurm_cluster, tmp_path):
+    snakefile = tmp_path / "Snakefile"
+    snakefile.write_text(TIMEOUT_SNAKEFILE.format(helper=_smk_function("attempt_runtime")))
+    work = tmp_path / "work"
+    work.mkdir()
+    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 5))
+    proc = subprocess.Popen(slurm_cmd(work, "slurm", snakefile=snakefile), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    running = []
+    for _ in range(300):
+        running = [j for j in sacct_jobs(work, since) if j["state"] == "RUNNING"]
+        if running:
+            break
+        time.sleep(0.5)
+    assert running, "the job never started"
+    # What a scheduler does to an overrunning job: its limit (1 min, SLURM's unit) ends it.
+    subprocess.run(["scontrol", "update", f"JobId={running[0]['id']}", "TimeLimit=1"], check=True)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out
+    assert "SLURM status is: 'TIMEOUT'" in out
+    assert (work / "done.txt").read_text().strip() == "20"
+    jobs = _wait_for_accounting(work, since, 2)
+    assert [(j["state"], j["timelimit"]) for j in jobs] == [
+        ("TIMEOUT", "00:01:00"),
+        ("COMPLETED", "00:20:00"),
+    ]
 
 
 def test_slurm_nodes_outside_slurm_is_empty(monkeypatch):
