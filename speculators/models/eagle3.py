@@ -153,7 +153,6 @@ class Eagle3DraftConfig:
         scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
         return {
             "model_type": "llama",
-            "architectures": ["LlamaForCausalLM"],
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
