@@ -302,3 +302,23 @@ def test_forward_names_a_batch_of_the_wrong_width(tiny_llama):
     batch["aux"] = batch["aux"][..., :-1]
     with pytest.raises(ValueError, match=r"aux must have shape \(1, 6, 384\)"):
         model(**batch, ttt_steps=1)
+
+
+def test_llama3_rope_scaling_reaches_the_draft_rotary_embedding(tmp_path):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from speculators.models import Eagle3DraftModel
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}
+    scaling |= {"high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    cfg = {"hidden_size": 64, "num_attention_heads": 2, "vocab_size": 100, "num_hidden_layers": 4}
+    cfg |= {"rope_theta": 5e5, "rope_scaling": scaling, "max_position_embeddings": 131072}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    draft = Eagle3DraftModel(
+        Eagle3DraftConfig.from_target(tmp_path, draft_vocab_size=10, aux_layer_ids=[1, 2, 3])
+    )
+    target_rope = LlamaRotaryEmbedding(LlamaConfig(**cfg))
+    assert draft.rotary_emb.rope_type == "llama3"
+    assert torch.equal(draft.rotary_emb.inv_freq, target_rope.inv_freq)
+    assert draft.config.transformer_layer_config()["rope_scaling"] == scaling
