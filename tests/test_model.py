@@ -318,7 +318,8 @@ def test_llama3_rope_scaling_reaches_the_draft_rotary_embedding(tmp_path):
     draft = Eagle3DraftModel(
         Eagle3DraftConfig.from_target(tmp_path, draft_vocab_size=10, aux_layer_ids=[1, 2, 3])
     )
-    target_rope = LlamaRotaryEmbedding(LlamaConfig(**cfg))
+    # LlamaConfig writes rope_theta into the rope_scaling dict it is given: pass a copy
+    target_rope = LlamaRotaryEmbedding(LlamaConfig(**json.loads(json.dumps(cfg))))
     assert draft.rotary_emb.rope_type == "llama3"
     assert torch.equal(draft.rotary_emb.inv_freq, target_rope.inv_freq)
     assert draft.config.transformer_layer_config()["rope_scaling"] == scaling
