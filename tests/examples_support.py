@@ -55,3 +55,17 @@ def planned_jobs(workdir: Path, configfile: Path, profile: str = "none") -> list
                 key, _, value = item.strip().partition("=")
                 job["resources"][key] = _value(value)
     return jobs
+
+
+_PLANS: dict[tuple[str, str], list[dict]] = {}
+
+
+def planned_example(example: Path, profile: str = "none") -> list[dict]:
+    """planned_jobs of an example's stand-in copy, computed once per session and profile."""
+    key = (str(example), profile)
+    if key not in _PLANS:
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix=f"plan-{example.stem}-"))
+        _PLANS[key] = planned_jobs(tmp, standin_config(example, tmp / "config.yaml"), profile)
+    return _PLANS[key]

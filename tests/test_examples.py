@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, snakemake_cmd
-from examples_support import EXAMPLES, STANDINS, planned_jobs, standin_config
+from examples_support import EXAMPLES, STANDINS, planned_example
 
 from speculators.config import validate_config
 
@@ -70,10 +70,9 @@ def test_standin_is_a_config_transformers_reads(standin):
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
-def test_example_dry_run_plans_every_stage_with_its_gpus(example, tmp_path):
-    cfgfile = standin_config(example, tmp_path / "config.yaml")
-    cfg = yaml.safe_load(cfgfile.read_text())
-    jobs = planned_jobs(tmp_path, cfgfile)
+def test_example_dry_run_plans_every_stage_with_its_gpus(example):
+    cfg = yaml.safe_load(example.read_text())
+    jobs = planned_example(example)
     planned = {j["rule"] for j in jobs} - {"all"}
     # Targets are Hugging Face models and datasets: every rule but the demo asset exports runs.
     assert planned == workflow_rules() - ASSET_RULES - {"all"}

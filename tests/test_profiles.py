@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 from conftest import REPO
-from examples_support import EXAMPLES, planned_jobs, standin_config
+from examples_support import EXAMPLES, planned_example
 from snakemake_executor_plugin_slurm.submit_string import get_submit_command
 from snakemake_executor_plugin_slurm.utils import set_gres_string
 from snakemake_executor_plugin_slurm_jobstep import get_cpu_setting, get_gpu_setting
@@ -44,6 +44,14 @@ def sbatch_call(job: dict) -> str:
     return get_submit_command(fake, params) + set_gres_string(fake), fake
 
 
+def profile_for(example) -> str:
+    return "slurm-multinode" if "70b" in example.stem else "slurm"
+
+
+def _is_gpu_job(job: dict) -> bool:
+    return bool(job["resources"].get("gpu")) or "gpu" in str(job["resources"].get("gres", ""))
+
+
 def _keys(obj):
     if isinstance(obj, dict):
         for k, v in obj.items():
@@ -56,10 +64,8 @@ def _options(call: str) -> list[str]:
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
-def test_sbatch_options_of_gpu_rules_match_their_resources(example, tmp_path):
-    cfgfile = standin_config(example, tmp_path / "config.yaml")
-    profile = "slurm-multinode" if "70b" in example.stem else "slurm"
-    jobs = planned_jobs(tmp_path, cfgfile, profile=profile)
+def test_sbatch_options_of_gpu_rules_match_their_resources(example):
+    jobs = planned_example(example, profile_for(example))
     gpu_jobs = [
         j for j in jobs if j["resources"].get("gpu") or "gpu" in str(j["resources"].get("gres", ""))
     ]
@@ -88,7 +94,7 @@ def test_sbatch_options_of_gpu_rules_match_their_resources(example, tmp_path):
             assert get_cpu_setting(fake, True) in opts
 
 
-def test_multinode_profile_matches_the_70b_example(tmp_path):
+def test_multinode_profile_matches_the_70b_example():
     example = REPO / "config" / "examples" / "llama-3.3-70b-instruct.yaml"
     (run,) = yaml.safe_load(example.read_text())["runs"].values()
     train = yaml.safe_load((PROFILES / "slurm-multinode" / "config.yaml").read_text())[
@@ -130,3 +136,17 @@ def test_every_rule_scales_its_runtime_with_the_attempt():
         runtimes = re.findall(r"^\s+runtime=(.+),$", text, flags=re.M)
         assert len(runtimes) == len(re.findall(r"^rule \w+:", text, flags=re.M)), smk.name
         assert all(r.startswith("attempt_runtime(") for r in runtimes), (smk.name, runtimes)
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_partition_config_sends_gpu_jobs_to_gpu_partition(example):
+    from snakemake_executor_plugin_slurm.partitions import get_best_partition, read_partition_file
+
+    partitions = read_partition_file(PROFILES / "slurm" / "partitions.example.yaml")
+    logger = SimpleNamespace(debug=print, info=print, warning=print)
+    for job in planned_example(example, profile_for(example)):
+        if job["rule"] == "all":
+            continue
+        _, fake = sbatch_call(job)
+        want = "gpu" if _is_gpu_job(job) else "cpu"
+        assert get_best_partition(partitions, fake, logger) == want, job
