@@ -19,8 +19,11 @@ import sys
 import threading
 import time
 
-import torch
-import torch.nn.functional as F
+# Spinning OpenMP workers waste most of a step on a shared CPU; must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 DIMS = {
     # SmolLM2-135M-like target, CPU-sized batch
