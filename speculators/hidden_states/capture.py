@@ -304,7 +304,10 @@ def capture_transformers(
 
 
 def _capture_vllm(args, ds, todo, store) -> str:
-    from speculators.vllm import hidden_states as vllm_hidden_states
+    try:
+        from speculators.vllm import hidden_states as vllm_hidden_states
+    except ImportError as e:
+        raise SpeculatorsError("--backend vllm", f"the vLLM backend cannot load ({e})") from None
 
     return vllm_hidden_states.capture(
         args.target,
