@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures import build_target
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from speculators.cli import main
 from speculators.hidden_states import store as store_mod
@@ -133,6 +135,18 @@ def test_batched_equals_one_at_a_time_and_padding_is_never_stored(llama, tmp_pat
     config = json.loads((batched / "data_config.json").read_text())
     assert config["data"]["sample_lengths"] == LENGTHS
     assert config["data"]["total_tokens"] == sum(LENGTHS)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=60), st.integers(1, 1000))
+def test_batch_plan_covers_every_row_once_within_the_token_budget(lengths, batch_tokens):
+    plan = plan_batches(lengths, batch_tokens)
+    assert sorted(i for batch in plan for i in batch) == list(range(len(lengths)))
+    order = [i for batch in plan for i in batch]
+    assert order == sorted(order, key=lambda i: (-lengths[i], i))  # longest first, then by index
+    for batch in plan:
+        padded = len(batch) * max(lengths[i] for i in batch)
+        assert padded <= batch_tokens or len(batch) == 1  # a row longer than the budget runs alone
 
 
 def test_files_hold_no_wasted_bytes_and_default_dtype_is_bfloat16(llama, tmp_path):
