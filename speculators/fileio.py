@@ -65,8 +65,10 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def torch_save(obj, path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # Through a file object: saved to a path, torch records the (random) temporary name in
+    # the archive and identical objects give different bytes.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def read_json(path: str | os.PathLike):
