@@ -81,3 +81,11 @@ def test_validation_split_is_seeded_and_disjoint():
     assert (train, val) == data.split(0.1, seed=0)
     assert val != data.split(0.1, seed=1)[1]
     assert data.split(0.0, seed=0) == (list(range(50)), [])
+
+
+def test_single_token_samples_are_counted_not_silently_dropped(tiny_llama, tmp_path, caplog):
+    folder = write_random_states(tmp_path / "hs", tiny_llama, [1, 20, 30])
+    vocab = json.loads((tiny_llama / "config.json").read_text())["vocab_size"]
+    data = HiddenStatesData.open([folder], hidden_size=128, vocab_size=vocab, num_layers=4)
+    assert data.dropped == 1 and [s.length for s in data.samples] == [19, 29]
+    assert "1 single-token samples left out" in caplog.text

@@ -37,6 +37,7 @@ class HiddenStatesData:
     hidden_size: int
     samples: list[SampleRef]
     num_loss_tokens: int
+    dropped: int = 0  # samples of a single token: nothing to predict after alignment
 
     @property
     def aux_layer_ids(self) -> list[int]:
@@ -49,7 +50,7 @@ class HiddenStatesData:
         """Read each folder's data_config.json and check it against the target's dimensions."""
         if not folders:
             raise SpeculatorsError("--data", "no hidden-states folder given")
-        layer_ids, samples, loss_tokens = None, [], 0
+        layer_ids, samples, loss_tokens, dropped = None, [], 0, 0
         for folder in map(Path, folders):
             where = folder / DATA_CONFIG
             cfg = read_data_config(folder)
@@ -84,11 +85,16 @@ class HiddenStatesData:
                 # A 1-token sample has nothing to predict once inputs and targets are shifted.
                 if n >= 2:
                     samples.append(SampleRef(sample_path(folder, idx), int(n) - 1))
+                else:
+                    dropped += 1
         if not samples:
             raise SpeculatorsError(folders[0], "no samples with 2 or more tokens: nothing to train")
         if loss_tokens == 0:
             raise SpeculatorsError(folders[0], "every loss_mask is 0: no supervised tokens")
-        return cls([Path(f) for f in folders], layer_ids, hidden_size, samples, loss_tokens)
+        if dropped:
+            log.warning("%d single-token samples left out (nothing to predict)", dropped)
+        folders = [Path(f) for f in folders]
+        return cls(folders, layer_ids, hidden_size, samples, loss_tokens, dropped)
 
     def split(self, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
         """Seeded (train, val) sample indices; validation holds out whole samples."""

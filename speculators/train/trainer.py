@@ -363,7 +363,7 @@ def train(args: argparse.Namespace, env: distributed.DistEnv) -> None:
             "truncated_samples_per_epoch": plans[0].truncated,
             "padding_only_bins": sum(p.empty_bins for p in plans),
             "skipped_steps": progress["skipped_steps"],
-            "dropped_samples": 0,
+            "dropped_samples": data.dropped,
             "best_epoch": progress["best_epoch"],
             "best_val_loss": (
                 progress["best_val_loss"] if math.isfinite(progress["best_val_loss"]) else None
