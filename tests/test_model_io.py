@@ -214,3 +214,17 @@ def test_vocab_mapping_of_another_size_is_rejected(tiny_llama, which):
         d2t = d2t + 1  # offsets that point next to the selected ids
     with pytest.raises(SpeculatorsError, match="d2t|t2d"):
         Eagle3DraftModel.from_target(cfg, tiny_llama, d2t, t2d)
+
+
+def test_full_vocabulary_draft_is_saved_without_a_mapping_and_reloads(tiny_llama, tmp_path):
+    """vLLM makes no d2t parameter when Vd = V and rejects a checkpoint holding one."""
+    vocab = json.loads((tiny_llama / "config.json").read_text())["vocab_size"]
+    model = tiny_draft(tiny_llama, draft_vocab_size=vocab)
+    assert torch.equal(model.d2t, torch.zeros(vocab).long()) and bool(model.t2d.all())
+    save_draft(model, tmp_path / "d", **VERIFIER)
+    with safe_open(tmp_path / "d" / "model.safetensors", framework="pt") as f:
+        assert set(f.keys()) == _expected_names(1, False) - {"d2t", "t2d"}
+    loaded = load_draft(tmp_path / "d")
+    assert torch.equal(loaded.d2t, model.d2t) and torch.equal(loaded.t2d, model.t2d)
+    none_mapping = Eagle3DraftModel.from_target(model.config, tiny_llama, None, None)
+    assert torch.equal(none_mapping.lm_head.weight, model.lm_head.weight)

@@ -220,8 +220,9 @@ class Eagle3DraftModel(nn.Module):
         self.lm_head = nn.Linear(h, vd, bias=False)
         self.verifier_norm = _frozen(RMSNorm(h, eps=config.rms_norm_eps))
         self.verifier_lm_head = _frozen(nn.Linear(h, vd, bias=False))
+        # identity until loaded when the draft keeps the full vocabulary (nothing to load then)
         self.register_buffer("d2t", torch.zeros(vd, dtype=torch.long))
-        self.register_buffer("t2d", torch.zeros(v, dtype=torch.bool))
+        self.register_buffer("t2d", torch.full((v,), vd == v, dtype=torch.bool))
         self.rotary_emb = LlamaRotaryEmbedding(LlamaConfig(**config.transformer_layer_config()))
         self.init_weights()
 
@@ -238,9 +239,10 @@ class Eagle3DraftModel(nn.Module):
 
     @classmethod
     def from_target(
-        cls, config: Eagle3DraftConfig, target: str | Path, d2t: np.ndarray | Tensor, t2d
+        cls, config: Eagle3DraftConfig, target: str | Path, d2t: np.ndarray | Tensor | None, t2d
     ) -> Eagle3DraftModel:
-        """A fresh draft with embedding, verifier norm and LM-head rows read from the target's files."""
+        """A fresh draft with embedding, verifier norm and LM-head rows read from the target's files
+        (d2t = t2d = None for a full-vocabulary draft)."""
         model = cls(config)
         model.load_target_weights(target, d2t, t2d)
         return model

@@ -25,9 +25,10 @@ TOP_LEVEL_NAMES = {
     "fc.weight": "fc.weight",
     "norm.weight": "norm.weight",
     "lm_head.weight": "lm_head.weight",
-    "d2t": "d2t",
-    "t2d": "t2d",
 }
+# Only for a reduced draft vocabulary: vLLM creates no d2t parameter for a full-vocabulary draft
+# and refuses a checkpoint that has one.
+VOCAB_MAPPING_NAMES = {"d2t": "d2t", "t2d": "t2d"}
 NORM_BEFORE_FC_NAMES = {"input_norm.weight": "input_norm.weight"}
 LAYER_NAMES = (  # per layer i, checkpoint "layers.{i}.<name>" <- model "layers.{i}.<name>"
     "self_attn.q_proj.weight",
@@ -50,6 +51,8 @@ TARGET_HEADS = ("lm_head.weight", "language_model.lm_head.weight", "model.lm_hea
 def checkpoint_names(config) -> dict[str, str]:
     """Checkpoint name -> model state_dict name, for exactly the tensors a draft file holds."""
     names = dict(TOP_LEVEL_NAMES)
+    if config.draft_vocab_size != config.vocab_size:
+        names.update(VOCAB_MAPPING_NAMES)
     if config.norm_before_fc:
         names.update(NORM_BEFORE_FC_NAMES)
     for i in range(config.num_layers):
@@ -121,7 +124,12 @@ def read_target_weights(target: str | Path, vocab_size: int, hidden_size: int) -
 
 
 def check_vocab_mapping(d2t, t2d, vocab_size: int, draft_vocab_size: int):
-    """Validate d2t (int offsets [Vd]) and t2d (bool [V]) against each other; return tensors."""
+    """Validate d2t (int offsets [Vd]) and t2d (bool [V]) against each other; return tensors.
+
+    A full-vocabulary draft (Vd = V) may pass None for both: the identity mapping.
+    """
+    if d2t is None and t2d is None and draft_vocab_size == vocab_size:
+        return torch.zeros(vocab_size, dtype=torch.long), torch.ones(vocab_size, dtype=torch.bool)
     d2t = torch.as_tensor(np.asarray(d2t), dtype=torch.long)
     t2d = torch.as_tensor(np.asarray(t2d)).bool()
     if d2t.shape != (draft_vocab_size,):
@@ -225,7 +233,8 @@ def config_from_speculators(cfg: dict, where) -> object:
 
 
 def load_draft(draft_dir: str | Path, device="cpu", dtype: torch.dtype = torch.float32):
-    """A draft saved by `save_draft`, in `dtype` on `device` (verifier_norm/lm_head stay zero)."""
+    """A draft saved by `save_draft`, in `dtype` on `device` (verifier_norm/lm_head stay zero;
+    a full-vocabulary draft, saved without d2t/t2d, gets the identity mapping)."""
     from speculators.models.eagle3 import Eagle3DraftModel
 
     draft_dir = Path(draft_dir)
