@@ -323,3 +323,18 @@ def test_llama3_rope_scaling_reaches_the_draft_rotary_embedding(tmp_path):
     assert draft.rotary_emb.rope_type == "llama3"
     assert torch.equal(draft.rotary_emb.inv_freq, target_rope.inv_freq)
     assert draft.config.transformer_layer_config()["rope_scaling"] == scaling
+
+
+def test_bf16_autocast_step_stays_close_to_fp32_with_fp32_gradients(tiny_llama):
+    model = tiny_draft(tiny_llama, num_layers=2)
+    batch = packed_batch(model, [20, 30], pad=5)
+    with torch.no_grad():
+        reference, _ = model(**batch, ttt_steps=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model(**batch, ttt_steps=3)
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(reference.item(), rel=2e-2)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
