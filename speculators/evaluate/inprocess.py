@@ -152,11 +152,17 @@ def eos_ids(tokenizer, model) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def build_jobs(
-    target: Target, tokenizer, specs: list[PromptSpec], max_new_tokens: int, max_prompt: int, eos
+def iter_jobs(
+    target: Target,
+    tokenizer,
+    specs: list[PromptSpec],
+    max_new_tokens: int,
+    max_prompt: int,
+    eos,
+    counts: dict,
 ):
-    """Render every turn, decode it without drafting; later MT-Bench turns follow the answer."""
-    jobs, truncated = [], 0
+    """Render each turn and decode it without drafting, one at a time (MT-Bench turns after
+    the first follow the target's greedy answer); `counts["truncated"]` counts cut prompts."""
     for spec in specs:
         messages, answer = list(spec.messages), ""
         for turn in range(1 + len(spec.followups)):
@@ -167,40 +173,73 @@ def build_jobs(
                 ]
             ids = render_prompt(tokenizer, messages)
             if len(ids) > max_prompt:
-                ids, truncated = ids[-max_prompt:], truncated + 1  # keep the generation prompt
+                ids = ids[-max_prompt:]  # keep the end: it holds the generation prompt
+                counts["truncated"] = counts.get("truncated", 0) + 1
             out, seconds = greedy_decode(target, ids, max_new_tokens, eos)
             answer = tokenizer.decode(out, skip_special_tokens=True)
-            jobs.append(Job(f"{spec.id}#{turn + 1}", ids, out, seconds))
-    return jobs, truncated
+            yield Job(f"{spec.id}#{turn + 1}", ids, out, seconds)
+
+
+class Sweep:
+    """Totals per draft length K, fed one job at a time.
+
+    Each job is decoded with every K right after its baseline, so a machine whose load changes
+    during the evaluation slows baseline and drafting alike instead of skewing the speed-up.
+    """
+
+    def __init__(self, ks: list[int], temperature: float, seed: int):
+        self.temperature = temperature
+        self.totals = {k: DecodeStats(k) for k in ks}
+        self.mismatches = dict.fromkeys(ks, 0)
+        self.generators = {k: torch.Generator().manual_seed(seed) for k in ks}
+        self.base_tokens, self.base_seconds, self.jobs = 0, 0.0, 0
+
+    def run(self, target: Target, proposer, job: Job, max_new_tokens: int, eos) -> None:
+        self.jobs += 1
+        self.base_tokens += len(job.baseline)
+        self.base_seconds += job.seconds
+        for k, total in self.totals.items():
+            out, stats = speculative_decode(
+                target,
+                proposer,
+                job.prompt,
+                k,
+                max_new_tokens,
+                eos,
+                self.temperature,
+                self.generators[k],
+            )
+            total.add(stats)
+            self.mismatches[k] += out != job.baseline
+
+    def rows(self) -> list[dict]:
+        base_tps = self.base_tokens / max(self.base_seconds, 1e-9)
+        rows = []
+        for k, total in self.totals.items():
+            tps = total.output_tokens / max(total.seconds, 1e-9)
+            rows.append({
+                "k": k,
+                "acceptance_length": round(total.acceptance_length, 4),
+                "per_position_acceptance": [round(r, 4) for r in total.per_position_acceptance],
+                "drafts": total.drafts,
+                "draft_tokens": total.draft_tokens,
+                "accepted_tokens": total.accepted_tokens,
+                "output_tokens": total.output_tokens,
+                "tokens_per_s": round(tps, 2),
+                "baseline_tokens_per_s": round(base_tps, 2),
+                "speedup": round(tps / base_tps, 3),
+                # Sampling has no single right output; only greedy decoding must match.
+                "greedy_mismatches": self.mismatches[k] if self.temperature == 0 else None,
+            })  # fmt: skip
+        return rows
 
 
 def measure_k(target, proposer, jobs, k, max_new_tokens, eos, temperature, seed) -> dict:
-    total = DecodeStats(k)
-    generator = torch.Generator().manual_seed(seed)
-    mismatches = 0
+    """One K over already-decoded jobs (their baselines known): one result row."""
+    sweep = Sweep([k], temperature, seed)
     for job in jobs:
-        out, stats = speculative_decode(
-            target, proposer, job.prompt, k, max_new_tokens, eos, temperature, generator
-        )
-        total.add(stats)
-        mismatches += out != job.baseline
-    base_tokens = sum(len(j.baseline) for j in jobs)
-    base_tps = base_tokens / max(sum(j.seconds for j in jobs), 1e-9)
-    tps = total.output_tokens / max(total.seconds, 1e-9)
-    return {
-        "k": k,
-        "acceptance_length": round(total.acceptance_length, 4),
-        "per_position_acceptance": [round(r, 4) for r in total.per_position_acceptance],
-        "drafts": total.drafts,
-        "draft_tokens": total.draft_tokens,
-        "accepted_tokens": total.accepted_tokens,
-        "output_tokens": total.output_tokens,
-        "tokens_per_s": round(tps, 2),
-        "baseline_tokens_per_s": round(base_tps, 2),
-        "speedup": round(tps / base_tps, 3),
-        # Sampling has no single right output; only greedy decoding must match the baseline.
-        "greedy_mismatches": mismatches if temperature == 0 else None,
-    }
+        sweep.run(target, proposer, job, max_new_tokens, eos)
+    return sweep.rows()[0]
 
 
 def evaluate(
@@ -214,7 +253,7 @@ def evaluate(
     temperature=0.0,
     seed=0,
 ) -> dict:
-    """Baseline once, then speculative decoding for each K; the `results` part of the JSON."""
+    """Baseline and speculative decoding for each K, prompt by prompt; the JSON's measurements."""
     torch.manual_seed(seed)
     target = Target(target_model, aux_layer_ids)
     eos = eos_ids(tokenizer, target_model)
@@ -227,24 +266,24 @@ def evaluate(
         )
     # Warm-up, so one-off allocation and kernel selection do not land in the first timing.
     greedy_decode(target, render_prompt(tokenizer, specs[0].messages)[-max_prompt:], 2, eos)
-    jobs, truncated = build_jobs(target, tokenizer, specs, max_new_tokens, max_prompt, eos)
-    base_tokens, base_s = sum(len(j.baseline) for j in jobs), sum(j.seconds for j in jobs)
-    log.info(
-        "baseline: %d turns, %d tokens, %.1f tokens/s",
-        len(jobs),
-        base_tokens,
-        base_tokens / max(base_s, 1e-9),
-    )
+    counts: dict = {}
+    sweep = Sweep(list(ks), temperature, seed)
+    for job in iter_jobs(target, tokenizer, specs, max_new_tokens, max_prompt, eos, counts):
+        sweep.run(target, proposer, job, max_new_tokens, eos)
+        log.debug("%s: %d baseline tokens", job.id, len(job.baseline))
+    truncated = counts.get("truncated", 0)
     if truncated:
         log.warning("%d prompts longer than %d tokens were truncated", truncated, max_prompt)
-    results = []
-    for k in ks:
-        row = measure_k(target, proposer, jobs, k, max_new_tokens, eos, temperature, seed)
+    rows = sweep.rows()
+    log.info("%d turns, baseline %.1f tokens/s", sweep.jobs, rows[0]["baseline_tokens_per_s"])
+    for row in rows:
         log.info(
-            "k=%d acceptance_length=%.3f speedup=%.2f", k, row["acceptance_length"], row["speedup"]
+            "k=%d acceptance_length=%.3f speedup=%.2f",
+            row["k"],
+            row["acceptance_length"],
+            row["speedup"],
         )
-        results.append(row)
-    return {"num_turns": len(jobs), "truncated_prompts": truncated, "results": results}
+    return {"num_turns": sweep.jobs, "truncated_prompts": truncated, "results": rows}
 
 
 # ---------------------------------------------------------------- CLI
