@@ -6,6 +6,7 @@ file does not, so the main environment can locate that interpreter and hand work
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 import subprocess
@@ -51,3 +52,13 @@ def run_in_vllm_python(python: str | os.PathLike, argv: list[str]) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     return subprocess.run(cmd, env=env).returncode
+
+
+def shutdown_engine(llm) -> None:
+    """Stop a `vllm.LLM`'s engine-core processes now: the next engine gets the memory, and a
+    process does not linger on the engine's threads after its work is done."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    del llm
+    gc.collect()

@@ -6,7 +6,6 @@ before and after the timed batch so warm-up requests and earlier engines never c
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import time
@@ -14,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from speculators.vllm import shutdown_engine
 
 log = logging.getLogger(__name__)
 
@@ -120,17 +121,8 @@ def run_engine(
         seconds = time.perf_counter() - t0
         counts = spec_counts(llm.get_metrics()) - before
     finally:
-        _shutdown(llm)
+        shutdown_engine(llm)
     return EngineRun([list(o.outputs[0].token_ids) for o in outs], seconds, start_seconds, counts)
-
-
-def _shutdown(llm) -> None:
-    """Stop the engine-core processes now, so the next engine gets the memory."""
-    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-    if core is not None and hasattr(core, "shutdown"):
-        core.shutdown()
-    del llm
-    gc.collect()
 
 
 def result_row(k: int, spec: EngineRun, baseline: EngineRun, temperature: float) -> dict:

@@ -19,6 +19,7 @@ import torch
 
 from speculators.errors import SpeculatorsError
 from speculators.hidden_states.store import SampleStore
+from speculators.vllm import shutdown_engine
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +126,21 @@ def _shard_main(target, ds, indices, store, tp: int, devices: str | None) -> Non
     if devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = devices
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    capture_shard(target, ds, indices, store, tp)
+    code = 1
+    try:
+        capture_shard(target, ds, indices, store, tp)
+        code = 0
+    except BaseException:
+        log.exception("data-parallel capture of %d rows failed", len(indices))
+    finally:
+        logging.shutdown()
+        # A leftover engine thread must never keep a finished rank (and the join) alive.
+        os._exit(code)
 
 
 def capture_shard(target: str, ds, indices: list[int], store: SampleStore, tp: int) -> None:
     """One engine: prefill every row of `indices` and write its sample."""
+    import pyarrow.compute as pc
     from tqdm import tqdm
     from vllm import LLM, SamplingParams
     from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connector import (
@@ -140,7 +151,6 @@ def capture_shard(target: str, ds, indices: list[int], store: SampleStore, tp: i
 
     if not indices:
         return
-    import pyarrow.compute as pc
 
     columns = ds.select_columns(["input_ids", "loss_mask"])
     all_lengths = pc.list_value_length(ds.data.column("input_ids")).to_pylist()
@@ -148,27 +158,32 @@ def capture_shard(target: str, ds, indices: list[int], store: SampleStore, tp: i
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # The prompt plus the one sampled token must fit.
     llm = LLM(model=target, **engine_kwargs(store, max(lengths) + 1, tp))
-    params = SamplingParams(max_tokens=1, temperature=0.0)
-    order = layer_order(store.layer_ids)
-    started, done_tokens = time.perf_counter(), 0
-    with tqdm(total=sum(lengths), unit="tok", unit_scale=True, desc="hidden states (vLLM)") as bar:
-        for start in range(0, len(indices), CHUNK):
-            part = indices[start : start + CHUNK]
-            rows = columns[part]
-            prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in rows["input_ids"]]
-            outputs = llm.generate(prompts, params, use_tqdm=False)
-            for idx, ids, mask, out in zip(part, rows["input_ids"], rows["loss_mask"], outputs):
-                states = _read_states(out, idx, ids, load_hidden_states)
-                store.write(
-                    idx,
-                    torch.tensor(ids, dtype=torch.long),
-                    [states[:, j] for j in order],
-                    torch.tensor(mask, dtype=torch.long),
-                )
-                cleanup_hidden_states(out.kv_transfer_params["hidden_states_path"])
-                done_tokens += len(ids)
-                bar.update(len(ids))
-    seconds = time.perf_counter() - started
+    try:
+        params = SamplingParams(max_tokens=1, temperature=0.0)
+        order = layer_order(store.layer_ids)
+        started, done_tokens = time.perf_counter(), 0
+        with tqdm(
+            total=sum(lengths), unit="tok", unit_scale=True, desc="hidden states (vLLM)"
+        ) as bar:
+            for start in range(0, len(indices), CHUNK):
+                part = indices[start : start + CHUNK]
+                rows = columns[part]
+                prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in rows["input_ids"]]
+                outputs = llm.generate(prompts, params, use_tqdm=False)
+                for idx, ids, mask, out in zip(part, rows["input_ids"], rows["loss_mask"], outputs):
+                    states = _read_states(out, idx, ids, load_hidden_states)
+                    store.write(
+                        idx,
+                        torch.tensor(ids, dtype=torch.long),
+                        [states[:, j] for j in order],
+                        torch.tensor(mask, dtype=torch.long),
+                    )
+                    cleanup_hidden_states(out.kv_transfer_params["hidden_states_path"])
+                    done_tokens += len(ids)
+                    bar.update(len(ids))
+        seconds = time.perf_counter() - started
+    finally:
+        shutdown_engine(llm)
     log.info(
         "vLLM captured %d samples, %d tokens in %.1f s (%.0f tokens/s)",
         len(indices),
