@@ -1,6 +1,7 @@
 """Natural resume of the whole workflow on a tiny target: the same command again does nothing,
 a changed setting reruns exactly the stages after it, and a run interrupted during training
-finishes with the same command, without redoing earlier stages, with the same draft."""
+finishes with the same command, without redoing earlier stages, with the same draft; with
+cleanup_hidden_states the samples go and the run stays done."""
 
 import json
 import os
@@ -165,3 +166,32 @@ def test_interrupted_training_finishes_with_the_same_command(finished, tmp_path)
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].equal(b[k]), f"{k} differs after resume"
+
+
+def test_cleanup_deletes_hidden_states_and_stays_done(finished, tmp_path):
+    _, work, cfg, _, ran = finished
+    cleaned = tmp_path / "work"
+    shutil.copytree(work, cleaned, symlinks=True)
+    hs = cleaned / "results" / RUN / "hidden_states" / "chats"
+    size = sum(p.stat().st_size for p in hs.glob("data_*.pt"))
+    assert size > 0
+    cfgfile = write_config(tmp_path / "cleanup.yaml", {**cfg, "cleanup_hidden_states": True})
+
+    assert finished_rules(run(cleaned, cfgfile)) == {"hidden_states_cleanup"}
+    assert not list(hs.glob("data_*.pt")) and not (hs / "data_config.json").exists()
+    summary = json.loads((hs.parent / "cleanup.json").read_text())
+    assert summary["bytes_freed"] == size
+    # The report, written before the cleanup, recorded their size on disk.
+    assert (
+        "hidden-states folder" in (cleaned / "results" / RUN / "report" / "report.md").read_text()
+    )
+    assert "Nothing to be done" in run(cleaned, cfgfile, "-n")
+    # A new training setting needs the samples again: capture reruns, prepare and vocab do not.
+    changed = json.loads(json.dumps({**cfg, "cleanup_hidden_states": True}))
+    changed["runs"][RUN]["train"]["lr"] = 0.002
+    planned = {
+        j["rule"] for j in planned_jobs(cleaned, write_config(tmp_path / "c2.yaml", changed))
+    }
+    assert planned - {"all"} == of_stages(ran, "hidden", *AFTER_TRAINING) | {
+        "hidden_states_cleanup"
+    }
