@@ -79,3 +79,14 @@ def test_evaluate_and_report_rules_then_snakemake_report(finished_run):
     run_snakemake(work, *targets, *allowed, "--report", str(bundle), configfile=cfg, check=True)
     names = [n.split("/")[-1] for n in zipfile.ZipFile(bundle).namelist() if "/data/raw/" in n]
     assert sorted(names) == ["comparison.html", "report.html", "report.md"]
+
+
+def test_default_run_ends_with_its_report_and_the_comparison(tmp_path):
+    from conftest import REPO
+
+    proc = run_snakemake(tmp_path, "-n", configfile=REPO / "config" / "config.yaml", check=True)
+    out = proc.stdout + proc.stderr
+    for rule in ("evaluate_inprocess", "evaluate_vllm", "report_run", "report_compare"):
+        assert f"rule {rule}:" in out or f"localrule {rule}:" in out, rule
+    assert "results/smollm2-chitchat/report/report.html" in out
+    assert "results/comparison.html" in out
