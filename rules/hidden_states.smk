@@ -14,6 +14,8 @@ rule hidden_states_capture:
         "benchmarks/hidden_states/capture/{run}/{dataset}.tsv"
     conda:
         "../envs/main.yaml"
+    # The forward passes use torch threads; Snakemake caps this at --cores and sets OMP_NUM_THREADS.
+    threads: 4
     resources:
         mem_mb=16000,
         runtime=attempt_runtime(720),

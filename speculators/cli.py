@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from speculators import __version__
@@ -74,6 +75,11 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Idle OpenMP threads sleep instead of spinning: with several jobs sharing a few cores
+    # (snakemake --cores all on a workstation) spinning made CPU stages up to 10x slower
+    # (regeneration: 221 s vs 14-18 s for one batch, docs/benchmarks.md).
+    # Set before any stage imports torch; an explicit setting in the environment wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         parser, runners = build_parser(argv)
     except ModuleNotFoundError as e:

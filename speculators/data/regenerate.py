@@ -13,14 +13,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a busy CPU,
-# spinning threads wait for descheduled ones; measured with SmolLM2 on the shared 2-core
-# machine, one batch took 221 s with spinning and 14-18 s without (docs/benchmarks.md).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from speculators.data import sources  # noqa: E402
-from speculators.errors import SpeculatorsError  # noqa: E402
-from speculators.fileio import atomic_path, write_json  # noqa: E402
+from speculators.data import sources
+from speculators.errors import SpeculatorsError
+from speculators.fileio import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
