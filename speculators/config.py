@@ -86,7 +86,11 @@ def _check_references(config: dict, source: str) -> None:
                     source, f"runs.{run_name}.datasets.{ds}: unknown dataset (not in datasets)"
                 )
         layer_ids = run["hidden_states"]["layer_ids"]
-        if layer_ids is not None and len(set(layer_ids)) != len(layer_ids):
+        if layer_ids is not None and (
+            len(set(layer_ids)) != len(layer_ids) or layer_ids != sorted(layer_ids)
+        ):
+            # vLLM feeds the aux states to the draft in ascending layer order.
             raise SpeculatorsError(
-                source, f"runs.{run_name}.hidden_states.layer_ids: ids must be distinct"
+                source,
+                f"runs.{run_name}.hidden_states.layer_ids: ids must be distinct and ascending",
             )

@@ -70,6 +70,14 @@ def test_defaults_are_not_shared_between_runs(default_config):
             "runs.smollm2-chitchat.hidden_states.layer_ids",
         ),
         (
+            lambda c: (
+                c["runs"]["smollm2-chitchat"]
+                .setdefault("hidden_states", {})
+                .update(layer_ids=[15, 2, 27, 30])
+            ),
+            "layer_ids: ids must be distinct and ascending",
+        ),
+        (
             lambda c: c["runs"]["smollm2-chitchat"]["train"].update(scheduler="step"),
             "runs.smollm2-chitchat.train.scheduler",
         ),

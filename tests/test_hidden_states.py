@@ -283,6 +283,7 @@ def test_missing_prepared_dir_is_one_line_error(llama, tmp_path, capsys):
         (["1", "5"], "[5] out of range"),
         (["2", "2", "4"], "not distinct"),
         (["1", "2", "3"], "the last id must be 4"),
+        (["3", "1", "4"], "in ascending order"),
         (None, "[2, 2, 1, 4] (the default for a 4-layer target) are not distinct"),
     ],
 )

@@ -72,6 +72,10 @@ def resolve_layer_ids(requested: Sequence[int] | None, num_hidden_layers: int) -
     if ids[-1] != n:
         # The trainer computes the target's logits from the last id: it must be the final state.
         raise SpeculatorsError(where, f"{ids}: the last id must be {n} (final pre-norm output)")
+    if ids != sorted(ids):
+        # vLLM concatenates the aux states in ascending layer order whatever the config lists;
+        # a draft trained on another order would get its inputs shuffled when served.
+        raise SpeculatorsError(where, f"{ids}: list the layer ids in ascending order")
     return ids
 
 
