@@ -70,3 +70,16 @@ def test_exact_match_required(monkeypatch, seen, expected, ok):
 def test_negative_count_is_an_error():
     with pytest.raises(SpeculatorsError, match="must be >= 0"):
         devices.require_gpus(-1, "hidden_states.gpus")
+
+
+def test_compute_dtype_keeps_fp32_and_gpu_dtypes(monkeypatch):
+    import torch
+
+    from speculators import devices
+
+    assert devices.compute_dtype("cuda", torch.bfloat16) == torch.bfloat16
+    assert devices.compute_dtype("cpu", torch.float32) == torch.float32
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    assert devices.compute_dtype("cpu", torch.bfloat16) == torch.bfloat16
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    assert devices.compute_dtype("cpu", torch.bfloat16) == torch.float32

@@ -25,13 +25,15 @@ GenerateFn = Callable[[str, list, int, float, float, int], list]
 @functools.lru_cache(maxsize=1)
 def _load_target(target: str):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from speculators.devices import compute_dtype
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(target)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        # bf16 matmuls are slow and less exact on most CPUs; keep the stored dtype on GPU.
-        dtype = "auto" if device == "cuda" else torch.float32
+        stored = getattr(AutoConfig.from_pretrained(target), "dtype", None) or torch.float32
+        dtype = compute_dtype(device, stored)
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).to(device).eval()
     except Exception as e:
         raise SpeculatorsError(target, f"cannot load the target model ({e})") from None
