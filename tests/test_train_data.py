@@ -89,3 +89,24 @@ def test_single_token_samples_are_counted_not_silently_dropped(tiny_llama, tmp_p
     data = HiddenStatesData.open([folder], hidden_size=128, vocab_size=vocab, num_layers=4)
     assert data.dropped == 1 and [s.length for s in data.samples] == [19, 29]
     assert "1 single-token samples left out" in caplog.text
+
+
+def test_metrics_log_writes_strict_json_and_skips_missing_loggers(tmp_path, caplog, monkeypatch):
+    import builtins
+
+    from speculators.train.metrics import MetricsLog
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *a, **kw):
+        if name == "wandb":
+            raise ImportError(name)
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    log = MetricsLog(tmp_path, ["tensorboard", "wandb"], enabled=True, run_config={})
+    assert "'wandb' requested but the package is not installed" in caplog.text
+    log.write({"split": "train", "epoch": 0, "step": 1, "loss": float("nan"), "loss_k": [1.0]})
+    log.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] is None
+    assert list((tmp_path / "tensorboard").iterdir())  # TensorBoard events written
