@@ -41,6 +41,7 @@ rule train_draft:
         val_fraction=lookup(dpath="runs/{run}/train/val_fraction", within=config),
         checkpoint_every=lookup(dpath="runs/{run}/train/checkpoint_every", within=config),
         seed=lookup(dpath="runs/{run}/train/seed", within=config),
+        precision=lookup(dpath="runs/{run}/train/precision", within=config),
         model_flags=train_model_flags,
         loggers=train_loggers,
         nproc=train_nproc_per_node,
@@ -55,5 +56,6 @@ rule train_draft:
         " --grad-clip {params.grad_clip} --total-seq-len {params.total_seq_len}"
         " --noise {params.noise} --val-fraction {params.val_fraction}"
         " --checkpoint-every {params.checkpoint_every} --seed {params.seed}"
+        " --precision {params.precision}"
         " {params.model_flags} --loggers {params.loggers}"
         " --nproc-per-node {params.nproc} --nnodes {params.nnodes} > {log:q} 2>&1"

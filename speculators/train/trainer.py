@@ -36,7 +36,7 @@ MAX_NONFINITE_IN_A_ROW = 10
 TRAJECTORY_KEYS = (
     "num_layers", "ttt_steps", "ttt_step_loss_decay", "epochs", "lr", "weight_decay",
     "scheduler", "warmup_fraction", "grad_clip", "total_seq_len", "noise", "val_fraction",
-    "norm_before_residual", "norm_before_fc", "intermediate_size", "seed",
+    "norm_before_residual", "norm_before_fc", "intermediate_size", "seed", "precision",
 )  # fmt: skip
 
 
@@ -69,6 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--val-fraction", type=float, default=0.1)
     t.add_argument("--checkpoint-every", type=int, default=500, help="optimizer steps")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--precision", choices=["auto", "bf16", "fp32"], default="auto",
+        help="autocast dtype; auto = bf16 where bf16 matmuls are native (GPU, AMX CPU)",
+    )  # fmt: skip
     t.add_argument(
         "--loggers", nargs="*", default=["tensorboard"], choices=["tensorboard", "wandb", "trackio"]
     )
@@ -123,10 +127,15 @@ def fingerprint(args, data: HiddenStatesData, d2t, t2d) -> dict:
     }
 
 
-def autocast(env):
-    if env.device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast(env, precision: str = "auto"):
+    """bf16 autocast where bf16 matmuls are native (GPUs; CPUs with AMX/AVX512-BF16: 1.6x the
+    tokens/s of fp32 on the demo draft); weights and optimizer state stay fp32 either way."""
+    from speculators.devices import cpu_has_native_bf16
+
+    native = env.device.type == "cuda" or cpu_has_native_bf16()
+    if precision == "fp32" or (precision == "auto" and not native):
+        return contextlib.nullcontext()
+    return torch.autocast(env.device.type, dtype=torch.bfloat16)
 
 
 def global_counts(batch: dict, ttt_steps: int, env) -> torch.Tensor:
@@ -148,7 +157,7 @@ def train_step(model, batch, optimizer, scheduler, args, env) -> dict:
         normalizer = global_counts(batch, args.ttt_steps, env).clamp(min=1) / env.world_size
         kwargs["count_normalizer"] = normalizer
     finite_input = torch.isfinite(batch["aux"]).all() & torch.isfinite(batch["last"]).all()
-    with autocast(env):
+    with autocast(env, args.precision):
         loss, stats = model(
             **batch, ttt_steps=args.ttt_steps, loss_decay=args.ttt_step_loss_decay, **kwargs
         )
@@ -185,7 +194,7 @@ def evaluate(model, loader: BatchLoader, bins, args, env) -> dict | None:
     total = None
     for _, batch in loader.iterate(bins, epoch=0, rank=env.rank):
         batch = {k: v.to(env.device) for k, v in batch.items()}
-        with autocast(env):
+        with autocast(env, args.precision):
             _, stats = model(**batch, ttt_steps=args.ttt_steps, loss_decay=args.ttt_step_loss_decay)
         tokens = int((batch["document_ids"] >= 0).sum())
         vec = stats_vector(stats, args.ttt_steps, tokens)
