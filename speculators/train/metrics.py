@@ -27,8 +27,12 @@ def summarize(sums: torch.Tensor, ttt_steps: int, loss_decay: float) -> dict:
     per = sums[:-1].view(ttt_steps, len(STAT_KINDS))
     kl, count, full, prev = (per[:, i] for i in range(len(STAT_KINDS)))
     loss_k = (kl / count.clamp(min=1)).tolist()
-    full_acc = (full / count.clamp(min=1)).tolist()
-    cond_acc = (full / prev.clamp(min=1)).tolist()
+    cond = full / prev.clamp(min=1)
+    cond_acc = cond.tolist()
+    # Chained conditionals (as models.loss.step_metrics): the chance that the first k+1 drafts
+    # are all accepted. full/count could rise with k, because fewer positions have a step-k
+    # target near document ends.
+    full_acc = torch.cumprod(cond, 0).tolist()
     return {
         "loss": sum(loss_decay**k * v for k, v in enumerate(loss_k)),
         "loss_k": loss_k,
