@@ -15,6 +15,7 @@ import torch
 
 from speculators.errors import SpeculatorsError
 from speculators.fileio import atomic_path
+from speculators.targets import target_dims
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def target_vocab_size(target: str) -> int:
     """V from the target's config; the text model's for vision-language configs."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(target)
-    except (OSError, ValueError) as e:
-        raise SpeculatorsError(
-            target, f"cannot read the model config ({str(e).splitlines()[0]})"
-        ) from None
-    vocab_size = getattr(config.get_text_config(), "vocab_size", None)
-    if not isinstance(vocab_size, int) or vocab_size < 1:
-        raise SpeculatorsError(target, "model config lacks vocab_size")
-    return vocab_size
+    return target_dims(target, keys=("vocab_size",))["vocab_size"]
 
 
 def load_counts(path: Path, vocab_size: int) -> np.ndarray:

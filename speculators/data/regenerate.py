@@ -252,26 +252,15 @@ def meta_path(output: str | os.PathLike) -> Path:
 def _run_in_vllm_env(args) -> None:
     """vLLM pins its own torch, so it lives in another environment: rerun this command there
     (same output and partial file, so a resumed run continues either way)."""
-    from speculators.vllm import find_vllm_python, run_in_vllm_python
+    from speculators.vllm import rerun_with_vllm
 
-    python = find_vllm_python(args.vllm_python)
-    if python is None:
-        raise SpeculatorsError(
-            "--backend vllm",
-            "vLLM is not installed in this Python and no vLLM environment was found"
-            " (bash scripts/install.sh vllm, or --vllm-python / $SPECULATORS_VLLM_PYTHON)",
-        )
     argv = ["regenerate", "--backend", "vllm"]
     for name in OPTIONS:
         value = getattr(args, name)
         if value is not None:
             argv += [f"--{name.replace('_', '-')}", str(value)]
-    log.info("running the vLLM backend with %s", python)
-    returncode = run_in_vllm_python(python, argv)
-    if returncode != 0:
-        raise SpeculatorsError(
-            "--backend vllm", f"regeneration in {python} failed (exit status {returncode})"
-        )
+    log.info("running the vLLM backend")
+    rerun_with_vllm(args.vllm_python, argv, "regeneration")
 
 
 # Options passed on unchanged when the command reruns itself in the vLLM environment.

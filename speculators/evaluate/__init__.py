@@ -2,3 +2,20 @@
 
 `inprocess` (CLI `evaluate`) decodes held-out prompts with transformers; `spec_decode` is the loop.
 """
+
+from pathlib import Path
+
+
+def add_common_arguments(p, output_help: str) -> None:
+    """Options both evaluators (`evaluate`, `evaluate-vllm`) take, so they measure alike."""
+    p.add_argument("--target", required=True, help="target (verifier) model folder or HF id")
+    p.add_argument("--draft", required=True, type=Path, help="trained draft folder")
+    p.add_argument("--prompts", required=True, nargs="+", type=Path, help="prompt JSONL files")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument(
+        "--k", type=int, nargs="+", default=None, help="draft lengths (default: ttt_steps)"
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy acceptance")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True, type=Path, help=output_help)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from speculators.errors import SpeculatorsError
+from speculators.evaluate import add_common_arguments
 from speculators.evaluate.prompts import PromptSpec, load_prompts, render_prompt
 from speculators.evaluate.spec_decode import DecodeStats, Target, greedy_decode, speculative_decode
 from speculators.fileio import read_json, write_json
@@ -24,19 +25,9 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", required=True, help="target (verifier) model folder or HF id")
-    p.add_argument("--draft", required=True, type=Path, help="trained draft folder")
-    p.add_argument("--prompts", required=True, nargs="+", type=Path, help="prompt JSONL files")
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument(
-        "--k", type=int, nargs="+", default=None, help="draft lengths (default: ttt_steps)"
-    )
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy acceptance")
-    p.add_argument("--seed", type=int, default=0)
+    add_common_arguments(p, output_help="results/<run>/eval/inprocess.json")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--output", required=True, type=Path, help="results/<run>/eval/inprocess.json")
 
 
 # ---------------------------------------------------------------- draft config checks

@@ -9,26 +9,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from speculators.errors import SpeculatorsError
+from speculators.evaluate import add_common_arguments
 from speculators.fileio import write_json
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", required=True, help="target (verifier) model folder or HF id")
-    p.add_argument("--draft", required=True, type=Path, help="trained draft folder")
-    p.add_argument("--prompts", required=True, nargs="+", type=Path, help="prompt JSONL files")
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument(
-        "--k", type=int, nargs="+", default=None, help="draft lengths (default: ttt_steps)"
-    )
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy acceptance")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", required=True, type=Path, help="results/<run>/eval/vllm.json")
+    add_common_arguments(p, output_help="results/<run>/eval/vllm.json")
     p.add_argument(
         "--vllm-python",
         default=None,

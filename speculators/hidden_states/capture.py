@@ -20,6 +20,7 @@ import torch
 
 from speculators.errors import SpeculatorsError
 from speculators.hidden_states.store import SampleStore, dtype_from_name, resolve_layer_ids
+from speculators.targets import target_dims
 
 log = logging.getLogger(__name__)
 
@@ -59,26 +60,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # -- inputs ------------------------------------------------------------------------------------
-
-
-def target_dims(target: str) -> dict:
-    """hidden_size, vocab_size and num_hidden_layers of a target (the text model of VL configs)."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(target)
-    except (OSError, ValueError) as e:
-        raise SpeculatorsError(
-            target, f"cannot read the model config ({str(e).splitlines()[0]})"
-        ) from None
-    text = config.get_text_config()
-    dims = {}
-    for key in ("hidden_size", "vocab_size", "num_hidden_layers"):
-        value = getattr(text, key, None)
-        if not isinstance(value, int) or value < 1:
-            raise SpeculatorsError(target, f"model config lacks {key}")
-        dims[key] = value
-    return dims
 
 
 def load_prepared(path: Path, vocab_size: int):
@@ -321,27 +302,16 @@ def _capture_vllm(args, ds, todo, store) -> str:
 
 def _run_in_vllm_env(args) -> None:
     """vLLM pins its own torch, so it lives in another environment: rerun this command there."""
-    from speculators.vllm import find_vllm_python, run_in_vllm_python
+    from speculators.vllm import rerun_with_vllm
 
-    python = find_vllm_python(args.vllm_python)
-    if python is None:
-        raise SpeculatorsError(
-            "--backend vllm",
-            "vLLM is not installed in this Python and no vLLM environment was found"
-            " (bash scripts/install.sh vllm, or --vllm-python / $SPECULATORS_VLLM_PYTHON)",
-        )
     argv = ["hidden-states", "--target", str(args.target), "--prepared", str(args.prepared)]
     argv += ["--output", str(args.output), "--dtype", args.dtype, "--backend", "vllm"]
     if args.layer_ids is not None:
         argv += ["--layer-ids", *map(str, args.layer_ids)]
     argv += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
     argv += ["--data-parallel-size", str(args.data_parallel_size)]
-    log.info("running the vLLM backend with %s", python)
-    returncode = run_in_vllm_python(python, argv)
-    if returncode != 0:
-        raise SpeculatorsError(
-            "--backend vllm", f"capture in {python} failed (exit status {returncode})"
-        )
+    log.info("running the vLLM backend")
+    rerun_with_vllm(args.vllm_python, argv, "capture")
 
 
 def run(args: argparse.Namespace) -> None:

@@ -54,6 +54,25 @@ def run_in_vllm_python(python: str | os.PathLike, argv: list[str]) -> int:
     return subprocess.run(cmd, env=env).returncode
 
 
+def rerun_with_vllm(configured: str | os.PathLike | None, argv: list[str], what: str) -> None:
+    """Run `speculators <argv>` in the vLLM environment for a `--backend vllm` stage; one-line
+    errors when that environment is missing or the run fails (`what` names the work)."""
+    from speculators.errors import SpeculatorsError
+
+    python = find_vllm_python(configured)
+    if python is None:
+        raise SpeculatorsError(
+            "--backend vllm",
+            "vLLM is not installed in this Python and no vLLM environment was found"
+            " (bash scripts/install.sh vllm, or --vllm-python / $SPECULATORS_VLLM_PYTHON)",
+        )
+    returncode = run_in_vllm_python(python, argv)
+    if returncode != 0:
+        raise SpeculatorsError(
+            "--backend vllm", f"{what} in {python} failed (exit status {returncode})"
+        )
+
+
 def shutdown_engine(llm) -> None:
     """Stop a `vllm.LLM`'s engine-core processes now: the next engine gets the memory, and a
     process does not linger on the engine's threads after its work is done."""
