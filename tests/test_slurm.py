@@ -57,6 +57,10 @@ def slurm_cmd(workdir: Path, profile: str, *args: str, snakefile: Path | None = 
         "2",
         "--latency-wait",
         "5",
+        # The test node has 2 CPUs; rules asking for more threads would pend forever
+        # (PartitionConfig). Users with small nodes pass the same option.
+        "--max-threads",
+        "2",
         *args,
     ]
 
