@@ -32,7 +32,7 @@ rule evaluate_inprocess:
         "speculators evaluate --target {params.target:q} --draft {input.draft:q}"
         " --prompts {input.prompts:q} --num-prompts {params.num_prompts}"
         " --max-new-tokens {params.max_new_tokens} --k {params.k}"
-        " --temperature {params.temperature} --device {params.device}"
+        " --temperature {params.temperature} --device {params.device} --gpus {resources.gpu}"
         " --output {output:q} > {log:q} 2>&1"
 
 

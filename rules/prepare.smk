@@ -42,7 +42,7 @@ rule prepare_regenerate:
         " {params.max_samples} --eval-prompts {params.eval_prompts}"
         " --backend {params.backend} --max-new-tokens {params.max_new_tokens}"
         " --temperature {params.temperature} --top-p {params.top_p}"
-        " --batch-size {params.batch_size} {params.max_turns}"
+        " --batch-size {params.batch_size} {params.max_turns} --gpus {resources.gpu}"
         " {params.vllm_python} --output {output.jsonl:q} > {log:q} 2>&1"
 
 

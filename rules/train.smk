@@ -58,4 +58,5 @@ rule train_draft:
         " --checkpoint-every {params.checkpoint_every} --seed {params.seed}"
         " --precision {params.precision}"
         " {params.model_flags} --loggers {params.loggers}"
-        " --nproc-per-node {params.nproc} --nnodes {params.nnodes} > {log:q} 2>&1"
+        " --nproc-per-node {params.nproc} --nnodes {params.nnodes} --gpus {resources.gpu}"
+        " > {log:q} 2>&1"

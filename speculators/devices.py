@@ -96,3 +96,16 @@ def compute_dtype(device: str, stored):
     if stored in (torch.bfloat16, torch.float16) and cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+def add_gpus_argument(parser) -> None:
+    """`--gpus N`: the GPUs the job asked for (the stage's `gpus` config key), checked at start."""
+    parser.add_argument(
+        "--gpus", type=int, default=None, help="GPUs the job asked for; stop unless exactly these are visible"
+    )  # fmt: skip
+
+
+def check_job_gpus(gpus: int | None, key: str) -> None:
+    """`require_gpus` for a stage's `--gpus` option; nothing to check when it was not given."""
+    if gpus is not None:
+        require_gpus(gpus, key)

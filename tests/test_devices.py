@@ -83,3 +83,26 @@ def test_compute_dtype_keeps_fp32_and_gpu_dtypes(monkeypatch):
     assert devices.compute_dtype("cpu", torch.bfloat16) == torch.bfloat16
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
     assert devices.compute_dtype("cpu", torch.bfloat16) == torch.float32
+
+
+@pytest.mark.parametrize(
+    "argv, key",
+    [
+        (["train", "--target", "t", "--data", "d", "--d2t", "a", "--t2d", "b", "--output", "o",
+          "--work-dir", "w"], "train.gpus"),
+        (["evaluate", "--target", "t", "--draft", "d", "--prompts", "p", "--output", "o.json"],
+         "evaluate.gpus"),
+        (["regenerate", "--target", "t", "--source", "s", "--dataset-name", "n", "--output",
+          "o.jsonl"], "regenerate.gpus"),
+    ],
+)  # fmt: skip
+def test_gpu_stages_stop_when_the_job_lacks_its_gpus(argv, key, tmp_path, capsys, monkeypatch):
+    from speculators import devices
+    from speculators.cli import main
+
+    monkeypatch.setattr(devices, "visible_gpus", lambda: 0)
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--gpus", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and key in err
+    assert list(tmp_path.iterdir()) == []  # stopped before writing anything

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from speculators.data import sources
+from speculators.devices import add_gpus_argument, check_job_gpus
 from speculators.errors import SpeculatorsError
 from speculators.fileio import atomic_path, write_json
 
@@ -282,6 +283,7 @@ OPTIONS = (
 
 
 def run(args) -> None:
+    check_job_gpus(args.gpus, "regenerate.gpus")
     started = time.time()
     if not args.output.endswith(".jsonl"):
         raise SpeculatorsError(args.output, "the output must be a .jsonl file")
@@ -327,6 +329,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", required=True, help="chat source (name, HF id or local file)")
     p.add_argument("--split", default=None, help="dataset split (default: the source's own)")
     p.add_argument("--dataset-name", required=True, help="name recorded in the metadata")
+    add_gpus_argument(p)
     p.add_argument("--seed", type=int, default=0, help="selection and sampling seed")
     p.add_argument("--max-samples", type=int, default=None, help="training conversations kept")
     p.add_argument("--eval-prompts", type=int, default=64, help="conversations held out")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from speculators.devices import add_gpus_argument, check_job_gpus
 from speculators.errors import SpeculatorsError
 from speculators.evaluate import add_common_arguments
 from speculators.evaluate.prompts import PromptSpec, load_prompts, render_prompt
@@ -28,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p, output_help="results/<run>/eval/inprocess.json")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    add_gpus_argument(p)
 
 
 # ---------------------------------------------------------------- draft config checks
@@ -317,6 +319,7 @@ def load_proposer(draft_dir: Path, device):
 
 
 def run(args: argparse.Namespace) -> None:
+    check_job_gpus(args.gpus, "evaluate.gpus")
     device = _device(args.device)
     info = read_draft_info(args.draft)
     model, tokenizer = load_target(args.target, device, args.dtype)

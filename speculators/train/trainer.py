@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from speculators.devices import add_gpus_argument, check_job_gpus
 from speculators.errors import SpeculatorsError
 from speculators.fileio import atomic_path, write_json
 from speculators.train import distributed, launch
@@ -79,9 +81,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("processes")
     d.add_argument("--nproc-per-node", type=int, default=1, help=">1: re-launch under torchrun")
     d.add_argument("--nnodes", type=int, default=1, help=">1: one torchrun per SLURM node")
+    add_gpus_argument(d)
 
 
 def run(args: argparse.Namespace) -> None:
+    if "LOCAL_RANK" not in os.environ:
+        check_job_gpus(args.gpus, "train.gpus")  # once, before any worker starts
     if torch.cuda.is_available() and args.nproc_per_node > torch.cuda.device_count():
         raise SpeculatorsError(
             "--nproc-per-node",
