@@ -271,6 +271,14 @@ def _write(path, rows):
     return path
 
 
+def _evaluate(target, draft, prompts, out, *options) -> int:
+    """`speculators evaluate` on the given files with extra `options`; returns the exit code."""
+    from speculators.cli import main
+
+    argv = ["evaluate", "--target", str(target), "--draft", str(draft), "--prompts", str(prompts)]
+    return main([*argv, *map(str, options), "--output", str(out)])
+
+
 def _draft_config(path, hidden=128, vocab=None, aux=AUX):
     path.mkdir(exist_ok=True)
     cfg = {
@@ -307,25 +315,10 @@ def test_cli_writes_shared_schema(tiny_llama, tmp_path, monkeypatch, chat_jsonl)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     draft = _draft_config(tmp_path / "draft", vocab=model.config.vocab_size)
     monkeypatch.setattr(inprocess, "load_proposer", lambda d, dev: Oracle(model, check_aux=False))
-    from speculators.cli import main
 
     out = tmp_path / "eval" / "inprocess.json"
-    rc = main(
-        [
-            "evaluate",
-            "--target",
-            str(tiny_llama),
-            "--draft",
-            str(draft),
-            "--prompts",
-            str(chat_jsonl),
-            "--num-prompts",
-            "3",
-            "--max-new-tokens",
-            "9",
-            "--output",
-            str(out),
-        ]
+    rc = _evaluate(
+        tiny_llama, draft, chat_jsonl, out, "--num-prompts", "3", "--max-new-tokens", "9"
     )
     assert rc == 0
     data = json.loads(out.read_text())
@@ -349,23 +342,10 @@ def test_cli_writes_shared_schema(tiny_llama, tmp_path, monkeypatch, chat_jsonl)
 
 
 def test_cli_mismatched_draft_fails_cleanly(tiny_llama, tmp_path, chat_jsonl, capsys):
-    from speculators.cli import main
 
     draft = _draft_config(tmp_path / "draft", hidden=576, vocab=49152)
     out = tmp_path / "inprocess.json"
-    rc = main(
-        [
-            "evaluate",
-            "--target",
-            str(tiny_llama),
-            "--draft",
-            str(draft),
-            "--prompts",
-            str(chat_jsonl),
-            "--output",
-            str(out),
-        ]
-    )
+    rc = _evaluate(tiny_llama, draft, chat_jsonl, out)
     assert rc == 1 and not out.exists()
     assert "hidden size 576" in capsys.readouterr().err
 
@@ -387,7 +367,6 @@ def test_cli_with_an_untrained_draft(tiny_llama, tmp_path, chat_jsonl):
     """The real draft model plugs in: load_draft + propose through the CLI, output unchanged."""
     import numpy as np
 
-    from speculators.cli import main
     from speculators.models import Eagle3DraftConfig, Eagle3DraftModel
     from speculators.models.io import save_draft
 
@@ -406,25 +385,18 @@ def test_cli_with_an_untrained_draft(tiny_llama, tmp_path, chat_jsonl):
         dtype=torch.float32,
     )
     out = tmp_path / "inprocess.json"
-    rc = main(
-        [
-            "evaluate",
-            "--target",
-            str(tiny_llama),
-            "--draft",
-            str(tmp_path / "draft"),
-            "--prompts",
-            str(chat_jsonl),
-            "--num-prompts",
-            "2",
-            "--max-new-tokens",
-            "8",
-            "--k",
-            "1",
-            "2",
-            "--output",
-            str(out),
-        ]
+    rc = _evaluate(
+        tiny_llama,
+        tmp_path / "draft",
+        chat_jsonl,
+        out,
+        "--num-prompts",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--k",
+        "1",
+        "2",
     )
     assert rc == 0
     data = json.loads(out.read_text())
