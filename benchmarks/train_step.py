@@ -117,7 +117,7 @@ def _batch(d: dict, device, seed=0):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def bench_step(d: dict, device, steps: int, num_layers: int) -> dict:
+def bench_step(d: dict, device, steps: int, num_layers: int, attention: str = "auto") -> dict:
     model = _model(d, device, num_layers)
     batch = _batch(d, device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -125,7 +125,7 @@ def bench_step(d: dict, device, steps: int, num_layers: int) -> dict:
 
     def one():
         with autocast:
-            loss, _ = model(**batch, ttt_steps=d["K"])
+            loss, _ = model(**batch, ttt_steps=d["K"], attention=attention)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -149,6 +149,7 @@ def bench_step(d: dict, device, steps: int, num_layers: int) -> dict:
         "tokens_per_s": d["T"] / best,
         "cpu_s": min(cpu_times),
         "peak_mib": mem.peak / 2**20,
+        "attention": attention,
         "load_avg_1m": os.getloadavg()[0],
     }
 
@@ -228,6 +229,10 @@ def main(argv=None):
     p.add_argument("--ttt-steps", type=int)
     p.add_argument("--num-layers", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument(
+        "--attention", choices=["auto", "dense", "documents", "flex"], default="auto",
+        help="TTT attention path (auto: flex on CUDA, per-document SDPA on CPU)",
+    )  # fmt: skip
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", action="store_true", help="print one JSON line (used by 'all')")
     args = p.parse_args(argv)
@@ -238,6 +243,7 @@ def main(argv=None):
         runs = [
             ["step", "--dims", "cpu-small"],
             ["step", "--dims", "cpu-small", "--num-layers", "2"],
+            ["step", "--dims", "cpu-small", "--attention", "dense"],
         ]
         if gpu:
             runs += [["step", "--dims", "llama8b"]]
@@ -256,7 +262,7 @@ def main(argv=None):
             )
         return
     if args.what == "step":
-        result = bench_step(d, device, args.steps, args.num_layers)
+        result = bench_step(d, device, args.steps, args.num_layers, args.attention)
     else:
         result = bench_loss(d, device, naive=args.what == "loss-naive")
     result |= {"device": str(device), "threads": torch.get_num_threads(), "dims": d}

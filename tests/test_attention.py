@@ -1,4 +1,4 @@
-"""TTT attention masks: the dense pattern, and flex attention agreeing with dense SDPA."""
+"""TTT attention masks: the dense pattern, and flex and per-document attention agreeing with dense SDPA."""
 
 import warnings
 
@@ -6,7 +6,12 @@ import pytest
 import torch
 from model_fixtures import packed_batch, tiny_draft
 
-from speculators.models.attention import TTTAttention, dense_ttt_mask, ttt_mask_mod
+from speculators.models.attention import (
+    TTTAttention,
+    dense_ttt_mask,
+    document_runs,
+    ttt_mask_mod,
+)
 
 
 def test_dense_mask_matches_the_worked_example():
@@ -62,8 +67,62 @@ def test_padding_query_attends_only_to_itself():
     assert torch.isfinite(out).all()
 
 
-def test_auto_is_dense_on_cpu_and_unknown_kind_fails():
-    assert TTTAttention(torch.zeros(4).long(), "auto").kind == "dense"
+@pytest.mark.parametrize(
+    "lengths,pad,steps", [([17], 0, 1), ([5, 9, 3], 4, 2), ([1, 1, 12], 7, 3), ([6, 2, 8], 3, 4)]
+)
+def test_per_document_and_dense_give_the_same_outputs_and_gradients(
+    tiny_llama, lengths, pad, steps
+):
+    model = tiny_draft(tiny_llama, num_layers=2)
+    batch = packed_batch(model, lengths, pad=pad, seed=steps)
+    results = {}
+    for kind in ("dense", "documents"):
+        model.zero_grad()
+        loss, stats = model(**batch, ttt_steps=steps, attention=kind)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[kind] = (loss.detach(), stats, grads)
+    (loss_d, stats_d, grads_d), (loss_s, stats_s, grads_s) = results["dense"], results["documents"]
+    assert torch.isfinite(loss_d)
+    torch.testing.assert_close(loss_s, loss_d, rtol=1e-5, atol=1e-6)
+    assert {k: v for k, v in stats_d.items() if not k.startswith("kl")} == {
+        k: v for k, v in stats_s.items() if not k.startswith("kl")
+    }
+    assert grads_d.keys() == grads_s.keys() and "fc.weight" in grads_d
+    for name in grads_d:
+        torch.testing.assert_close(grads_s[name], grads_d[name], rtol=1e-4, atol=1e-6)
+
+
+def test_per_document_attention_sees_the_same_keys_as_the_dense_mask():
+    # random q/k/v straight into attend (no model): documents, a split-free packing, padding between
+    docs = torch.tensor([0, 0, 0, -1, 1, 1, 1, 1, 2, -1, -1])
+    t, g = docs.shape[0], torch.Generator().manual_seed(0)
+    for step in range(4):
+        q = torch.randn(1, 4, t, 8, generator=g)
+        k = torch.randn(1, 2, (step + 1) * t, 8, generator=g)
+        v = torch.randn(1, 2, (step + 1) * t, 8, generator=g)
+        dense = TTTAttention(docs, "dense").for_step(step)(q, k, v)
+        per_doc = TTTAttention(docs, "documents").for_step(step)(q, k, v)
+        torch.testing.assert_close(per_doc, dense, rtol=1e-5, atol=1e-6)
+
+
+def test_document_runs_and_the_dense_fallback_for_a_split_document():
+    assert document_runs(torch.tensor([0, 0, 1, -1, -1])) == [
+        (0, 2, False),
+        (2, 3, False),
+        (3, 5, True),
+    ]
+    split = torch.tensor(
+        [0, 0, 1, 0, -1]
+    )  # document 0 in two pieces: its later piece sees the first
+    assert document_runs(split) is None
+    q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))
+    fallback = TTTAttention(split, "documents").for_step(0)(q, k, v)
+    torch.testing.assert_close(fallback, TTTAttention(split, "dense").for_step(0)(q, k, v))
+
+
+def test_auto_is_per_document_on_cpu_and_unknown_kind_fails():
+    assert TTTAttention(torch.zeros(4).long(), "auto").kind == "documents"
     with pytest.raises(ValueError, match="attention"):
         TTTAttention(torch.zeros(4).long(), "eager")
 
