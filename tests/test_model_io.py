@@ -195,6 +195,22 @@ def test_tied_target_uses_its_embedding_as_lm_head(tmp_path):
     assert torch.equal(model.verifier_lm_head.weight, embed[model.t2d])
 
 
+def test_untied_target_without_an_lm_head_is_refused_not_tied_silently(tiny_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    target = tmp_path / "headless"
+    target.mkdir()
+    (target / "config.json").write_text((tiny_llama / "config.json").read_text())
+    cfg = json.loads((target / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False
+    tensors = load_file(tiny_llama / "model.safetensors")
+    tensors["output.weight"] = tensors.pop("lm_head.weight")  # a head under an unknown name
+    save_file(tensors, target / "model.safetensors")
+    with pytest.raises(SpeculatorsError, match="no LM head .* tie_word_embeddings: false") as e:
+        model_io.read_target_weights(target, cfg["vocab_size"], cfg["hidden_size"])
+    assert str(target) in str(e.value)
+
+
 def test_target_without_safetensors_is_rejected(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
     with pytest.raises(SpeculatorsError, match="model.safetensors"):

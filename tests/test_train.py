@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,6 +222,44 @@ def test_checkpoint_of_other_settings_is_set_aside_not_resumed(
     assert second[0]["lr"] == pytest.approx(2e-3)
 
 
+def test_recaptured_states_of_the_same_lengths_retrain_not_republish(
+    tiny_llama, chat_states, tmp_path, caplog
+):
+    _, d2t, t2d = chat_states
+    data = write_random_states(tmp_path / "hs", tiny_llama, [30] * 6, seed=0)
+    args = train_args(tiny_llama, data, d2t, t2d, tmp_path, "--epochs", 1)
+    trainer.run(args)
+    first = (tmp_path / "draft" / "model.safetensors").read_bytes()
+    # Captured again into the same folder (e.g. another dtype): new values, the same lengths.
+    shutil.rmtree(data)
+    write_random_states(tmp_path / "hs", tiny_llama, [30] * 6, seed=1)
+    caplog.set_level("INFO")
+    trainer.run(args)
+    assert "not resuming" in caplog.text and "input_files:" in caplog.text
+    assert "resumed from" not in caplog.text
+    assert (tmp_path / "draft" / "model.safetensors").read_bytes() != first
+
+
+def test_published_verifier_is_an_absolute_path_with_the_top_level_architectures(
+    tiny_llama, chat_states, tmp_path, monkeypatch
+):
+    data, d2t, t2d = chat_states
+    target = tmp_path / "models" / "mm"
+    shutil.copytree(tiny_llama, target)
+    cfg = json.loads((target / "config.json").read_text())
+    # A multimodal-style config: the text part nested, the architectures only at the top.
+    nested = {"architectures": ["TinyVisionForConditionalGeneration"], "text_config": cfg}
+    nested["text_config"].pop("architectures")
+    (target / "config.json").write_text(json.dumps(nested))
+    monkeypatch.chdir(tmp_path)
+    trainer.run(train_args(Path("models/mm"), data, d2t, t2d, tmp_path, "--epochs", 1))
+    verifier = json.loads((tmp_path / "draft" / "config.json").read_text())["speculators_config"][
+        "verifier"
+    ]
+    assert verifier["name_or_path"] == str(target.resolve())
+    assert verifier["architectures"] == ["TinyVisionForConditionalGeneration"]
+
+
 def test_hidden_states_of_another_width_are_refused(tiny_llama, chat_states, tmp_path):
     _, d2t, t2d = chat_states
     data = write_random_states(tmp_path / "hs", tiny_llama, [20, 30], hidden_size=64)
@@ -264,16 +304,20 @@ def _poison(folder, idx):
     torch.save(sample, path)
 
 
-def test_nan_batch_is_skipped_and_counted(tiny_llama, chat_states, tmp_path):
+def test_nan_batch_is_skipped_counted_and_its_file_named(tiny_llama, chat_states, tmp_path, caplog):
     _, d2t, t2d = chat_states
     data = write_random_states(tmp_path / "hs", tiny_llama, [40] * 8)
     _poison(data, 0)
     # One sample per step (budget 40), no validation: the poisoned step is skipped each epoch.
     args = train_args(tiny_llama, data, d2t, t2d, tmp_path, "--val-fraction", 0,
                       "--total-seq-len", 40, "--epochs", 2)  # fmt: skip
+    caplog.set_level("WARNING")
     trainer.run(args)
     summary = json.loads((tmp_path / "draft" / "train_summary.json").read_text())
     assert summary["skipped_steps"] == 2 and summary["steps"] == 16
+    named = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(named) == 2 and all(str(data / "data_0.pt") in m for m in named), named
+    assert "data_1.pt" not in caplog.text
 
 
 def test_training_stops_when_every_step_is_nan(tiny_llama, chat_states, tmp_path):

@@ -2,14 +2,17 @@
 
 import json
 
+import pytest
 import torch
 from train_fixtures import write_random_states
 
+from speculators.errors import SpeculatorsError
 from speculators.train.data import (
     BatchLoader,
     HiddenStatesData,
     SampleRef,
     empty_batch,
+    load_sample,
     noise_generator,
     pack_batch,
 )
@@ -89,6 +92,25 @@ def test_single_token_samples_are_counted_not_silently_dropped(tiny_llama, tmp_p
     data = HiddenStatesData.open([folder], hidden_size=128, vocab_size=vocab, num_layers=4)
     assert data.dropped == 1 and [s.length for s in data.samples] == [19, 29]
     assert "1 single-token samples left out" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "change,problem",
+    [
+        (lambda s: s.pop("loss_mask"), "no loss_mask tensor"),
+        (lambda s: s.update(input_ids=[1, 2]), "no input_ids tensor"),
+        (lambda s: s.update(input_ids=s["input_ids"][:-1]), "input_ids length != 20"),
+    ],
+)
+def test_a_sample_missing_or_misshaping_its_tokens_is_named(tiny_llama, tmp_path, change, problem):
+    folder = write_random_states(tmp_path / "hs", tiny_llama, [20])
+    path = folder / "data_0.pt"
+    sample = torch.load(path, weights_only=True)
+    change(sample)
+    torch.save(sample, path)
+    with pytest.raises(SpeculatorsError, match=problem) as e:
+        load_sample(SampleRef(path, 19), num_states=4, hidden_size=128)
+    assert str(e.value).startswith(str(path))
 
 
 def test_metrics_log_writes_strict_json_and_skips_missing_loggers(tmp_path, caplog, monkeypatch):

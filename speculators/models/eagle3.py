@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -306,7 +307,7 @@ class Eagle3DraftModel(nn.Module):
         ttt_steps: int,
         loss_decay: float = 1.0,
         attention: str = "auto",
-        count_normalizer: Tensor | None = None,
+        count_normalizer: Sequence[float] | Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Training step on one packed batch (batch size 1, T positions, document id -1 = padding).
 

@@ -92,6 +92,19 @@ def read_target_tensors(target: str | Path, names: list[str]) -> dict[str, torch
     return out
 
 
+def _ties_embeddings(target: Path) -> bool:
+    """The config's tie_word_embeddings (top level or text part); transformers' default is true."""
+    try:
+        cfg = read_json(target / "config.json")
+    except SpeculatorsError:
+        return True  # no readable config: the shapes are still checked below
+    flags = [
+        cfg.get("tie_word_embeddings"),
+        (cfg.get("text_config") or {}).get("tie_word_embeddings"),
+    ]
+    return all(f is not False for f in flags)
+
+
 def read_target_weights(target: str | Path, vocab_size: int, hidden_size: int) -> dict:
     """The target's embedding [V,H], final norm [H] and LM head [V,H] (the embedding when tied)."""
     target = Path(target)
@@ -105,6 +118,11 @@ def read_target_weights(target: str | Path, vocab_size: int, hidden_size: int) -
     head = find(TARGET_HEADS)
     if embed is None or norm is None:
         raise SpeculatorsError(target, "no embed_tokens.weight / final norm.weight in safetensors")
+    if head is None and not _ties_embeddings(target):
+        raise SpeculatorsError(
+            target, f"no LM head ({' / '.join(TARGET_HEADS)}) in safetensors, and the config"
+            " says tie_word_embeddings: false"
+        )  # fmt: skip
     tensors = read_target_tensors(target, [n for n in (embed, norm, head) if n])
     w = {"embed": tensors[embed], "norm": tensors[norm]}
     w["lm_head"] = (

@@ -146,8 +146,11 @@ def load_sample(ref: SampleRef, num_states: int, hidden_size: int) -> dict:
             raise SpeculatorsError(
                 ref.path, f"hidden state {tuple(t.shape)} != ({n}, {hidden_size}) per data_config"
             )
-    if raw["input_ids"].shape != (n,) or raw["loss_mask"].shape != (n,):
-        raise SpeculatorsError(ref.path, f"input_ids/loss_mask length != {n} per data_config")
+    for key in ("input_ids", "loss_mask"):
+        if not isinstance(raw.get(key), torch.Tensor):
+            raise SpeculatorsError(ref.path, f"no {key} tensor in the sample")
+        if raw[key].shape != (n,):
+            raise SpeculatorsError(ref.path, f"{key} length != {n} per data_config")
     return align_sample(raw["input_ids"], states, raw["loss_mask"])
 
 

@@ -119,7 +119,22 @@ def resolve_target(target: str) -> Path:
         raise SpeculatorsError(target, f"not a local folder, and not downloadable ({e})") from None
 
 
-def fingerprint(args, data: HiddenStatesData, d2t, t2d) -> dict:
+def input_file_stamps(target: Path, folders) -> list:
+    """(path, size, mtime) of the files whose rewrite means new inputs of the same shapes: each
+    hidden-states folder's data_config.json (written last by every capture) and the target's
+    config and weights. Re-captured states or a replaced target thus never resume (or publish)
+    a checkpoint trained on the old ones; a resume after preemption sees the same stamps."""
+    files = [Path(f) / "data_config.json" for f in folders]
+    files += sorted(target.glob("config.json")) + sorted(target.glob("*.safetensors*"))
+    stamps = []
+    for f in files:
+        with contextlib.suppress(OSError):
+            st = f.stat()
+            stamps.append([str(f), st.st_size, st.st_mtime_ns])
+    return stamps
+
+
+def fingerprint(args, target: Path, data: HiddenStatesData, d2t, t2d) -> dict:
     def digest(obj) -> str:
         return hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:16]
 
@@ -127,6 +142,7 @@ def fingerprint(args, data: HiddenStatesData, d2t, t2d) -> dict:
     return {
         "target": str(args.target),
         "data": digest([data.layer_ids, data.hidden_size, lengths]),
+        "input_files": digest(input_file_stamps(target, data.folders)),
         "vocab": digest([d2t.tolist(), t2d.nonzero().flatten().tolist()]),
         **{k: getattr(args, k) for k in TRAJECTORY_KEYS},
     }
@@ -152,6 +168,12 @@ def global_counts(batch: dict, ttt_steps: int, env) -> torch.Tensor:
     return distributed.all_reduce_sum(counts.double(), env).float()
 
 
+def nonfinite_documents(batch: dict) -> list[int]:
+    """Positions in the batch's bin of the samples whose hidden states hold NaN or inf."""
+    ok = torch.isfinite(batch["aux"][0]).all(-1) & torch.isfinite(batch["last"][0]).all(-1)
+    return sorted(set(batch["document_ids"][0][~ok].tolist()) - {-1})
+
+
 def train_step(model, batch, optimizer, scheduler, args, env) -> dict:
     """One optimizer step on this rank's packed batch; returns summed stats and whether skipped."""
     batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
@@ -160,14 +182,16 @@ def train_step(model, batch, optimizer, scheduler, args, env) -> dict:
         # Loss = token mean over all ranks: step k's KL sum over the global count. FSDP
         # averages gradients over ranks, so each rank's share is scaled up by the world size.
         normalizer = global_counts(batch, args.ttt_steps, env).clamp(min=1) / env.world_size
-        kwargs["count_normalizer"] = normalizer
-    finite_input = torch.isfinite(batch["aux"]).all() & torch.isfinite(batch["last"]).all()
+        # Python floats: FSDP's mixed-precision policy would cast a tensor argument to bf16.
+        kwargs["count_normalizer"] = normalizer.tolist()
+    bad_documents = nonfinite_documents(batch)
     with autocast(env, args.precision):
         loss, stats = model(
             **batch, ttt_steps=args.ttt_steps, loss_decay=args.ttt_step_loss_decay, **kwargs
         )
-    bad = (~finite_input | ~torch.isfinite(loss.detach())).float().reshape(1)
-    if distributed.all_reduce_sum(bad, env).item() == 0:  # every rank skips, or none
+    bad = torch.tensor([float(bool(bad_documents)), float(not torch.isfinite(loss.detach()))])
+    bad = distributed.all_reduce_sum(bad.to(env.device), env).cpu()
+    if bad.sum().item() == 0:  # every rank skips, or none
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in model.parameters() if p.requires_grad], args.grad_clip
@@ -187,7 +211,10 @@ def train_step(model, batch, optimizer, scheduler, args, env) -> dict:
         scheduler.step()  # the schedule advances even on a skipped step, so resumes line up
     tokens = int((batch["document_ids"] >= 0).sum())
     sums = distributed.all_reduce_sum(stats_vector(stats, args.ttt_steps, tokens), env)
-    return {"sums": sums, "skipped": skipped, "grad_norm": grad_norm, "lr": lr}
+    return {
+        "sums": sums, "skipped": skipped, "grad_norm": grad_norm, "lr": lr,
+        "bad_documents": bad_documents, "bad_input_anywhere": bad[0].item() > 0,
+    }  # fmt: skip
 
 
 @torch.no_grad()
@@ -196,15 +223,18 @@ def evaluate(model, loader: BatchLoader, bins, args, env) -> dict | None:
     if not bins:
         return None
     model.eval()
-    total = None
-    for _, batch in loader.iterate(bins, epoch=0, rank=env.rank):
+    total, left_out = None, 0
+    for step, batch in loader.iterate(bins, epoch=0, rank=env.rank):
+        bad_documents = nonfinite_documents(batch)
         batch = {k: v.to(env.device) for k, v in batch.items()}
         with autocast(env, args.precision):
             _, stats = model(**batch, ttt_steps=args.ttt_steps, loss_decay=args.ttt_step_loss_decay)
         tokens = int((batch["document_ids"] >= 0).sum())
         vec = stats_vector(stats, args.ttt_steps, tokens)
-        if not torch.isfinite(vec).all():  # a corrupt sample must not poison the whole metric
-            log.warning("validation batch with NaN/inf loss left out")
+        if bad_documents or not torch.isfinite(vec).all():  # a corrupt sample must not poison
+            left_out += 1  # the whole metric
+            log.warning("validation batch left out: NaN/inf in %s",
+                        _sample_files(loader, bins[step], bad_documents) or "the loss")  # fmt: skip
             continue
         total = vec if total is None else total + vec
     model.train()
@@ -213,10 +243,17 @@ def evaluate(model, loader: BatchLoader, bins, args, env) -> dict | None:
     val = summarize(
         distributed.all_reduce_sum(total, env), args.ttt_steps, args.ttt_step_loss_decay
     )
+    left_out = int(distributed.all_reduce_sum(torch.tensor([float(left_out)]), env).item())
+    val["left_out_batches"] = left_out
     if val["supervised_tokens"] == 0:
-        log.warning("validation split has no supervised tokens; the last epoch counts as best")
+        why = f"all {left_out} batches had NaN/inf" if left_out else "no supervised tokens"
+        log.warning("validation split: %s; the last epoch counts as best", why)
         return None
     return val
+
+
+def _sample_files(loader: BatchLoader, bin_, documents) -> list[str]:
+    return [str(loader.ref(bin_[d]).path) for d in documents]
 
 
 def build_model(args, target: Path, data: HiddenStatesData, d2t, t2d):
@@ -271,12 +308,14 @@ def train(args: argparse.Namespace, env: distributed.DistEnv) -> None:
     model = distributed.parallelize(model, env)
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
     scheduler = build_scheduler(optimizer, total_steps, args.warmup_fraction, args.scheduler)
-    ckpt = Checkpointer(args.work_dir, env, fingerprint(args, data, d2t, t2d))
+    ckpt = Checkpointer(args.work_dir, env, fingerprint(args, target, data, d2t, t2d))
     progress = ckpt.load(model, optimizer, scheduler)
     progress = progress or {
         "epoch": 0, "step_in_epoch": 0, "global_step": 0, "skipped_steps": 0,
         "best_val_loss": math.inf, "best_epoch": None, "wall_time_s": 0.0,
+        "nonfinite_in_a_row": 0,
     }  # fmt: skip
+    progress.setdefault("nonfinite_in_a_row", 0)  # checkpoints of older versions
     metrics = MetricsLog(
         args.work_dir, args.loggers, env.is_main, vars(args) | {"world_size": world},
         resume_step=progress["global_step"],
@@ -290,7 +329,6 @@ def train(args: argparse.Namespace, env: distributed.DistEnv) -> None:
     train_loader = BatchLoader(data, train_idx, T, noise=args.noise, seed=args.seed)
     val_loader = BatchLoader(data, val_idx, T)
     val_bins = val_plan.rank_steps(env.rank)
-    nonfinite_in_a_row = 0
     started = time.perf_counter() - progress["wall_time_s"]
 
     # -- the loop -----------------------------------------------------------------------------
@@ -311,18 +349,23 @@ def train(args: argparse.Namespace, env: distributed.DistEnv) -> None:
             progress.update(step_in_epoch=step + 1, global_step=progress["global_step"] + 1)
             if result["skipped"]:
                 progress["skipped_steps"] += 1
-                nonfinite_in_a_row += 1
-                files = [train_loader.ref(i).path.name for i in bins[step]]
-                log.warning("step %d: NaN/inf loss or gradient, skipped (samples %s)",
-                            progress["global_step"], files)  # fmt: skip
-                if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                progress["nonfinite_in_a_row"] += 1
+                if result["bad_documents"]:  # named by the rank that holds them
+                    log.warning("step %d skipped: NaN/inf in the hidden states of %s",
+                                progress["global_step"],
+                                _sample_files(train_loader, bins[step], result["bad_documents"]))  # fmt: skip
+                elif not result["bad_input_anywhere"] and env.is_main:
+                    log.warning("step %d skipped: NaN/inf loss or gradient from finite inputs"
+                                " (diverging? lower --lr)", progress["global_step"])  # fmt: skip
+                if progress["nonfinite_in_a_row"] >= MAX_NONFINITE_IN_A_ROW:
                     raise SpeculatorsError(
                         args.work_dir,
-                        f"{nonfinite_in_a_row} steps in a row had NaN/inf loss or gradients"
-                        " (diverged or corrupt hidden states); lower --lr or check the data",
+                        f"{progress['nonfinite_in_a_row']} steps in a row had NaN/inf loss or"
+                        " gradients (diverged or corrupt hidden states); lower --lr or check"
+                        " the data",
                     )
             else:
-                nonfinite_in_a_row = 0
+                progress["nonfinite_in_a_row"] = 0
             metrics.write({
                 "split": "train", "epoch": epoch, "step": progress["global_step"],
                 "lr": result["lr"], "loss": m["loss"], "loss_k": m["loss_k"],
@@ -396,11 +439,16 @@ def publish(args, target: Path, data, d2t, t2d, tcfg: dict, summary: dict) -> No
     best = torch.load(args.work_dir / "best_model.pt", weights_only=True)
     load_trainable_state_dict(model, best, full=True)
     with atomic_path(args.output, is_dir=True) as tmp:
+        # A local target by absolute path: `vllm serve <draft>` reads it from any directory.
+        local = Path(args.target).is_dir()
+        top_config = json.loads((target / "config.json").read_text())  # multimodal: not tcfg
         save_draft(
             model,
             tmp,
-            verifier_name_or_path=str(args.target),
-            verifier_architectures=tcfg.get("architectures") or [],
+            verifier_name_or_path=str(Path(args.target).resolve()) if local else args.target,
+            verifier_architectures=top_config.get("architectures")
+            or tcfg.get("architectures")
+            or [],
         )
         (tmp / "metrics.jsonl").write_text((args.work_dir / "metrics.jsonl").read_text())
         write_json(tmp / "train_summary.json", summary)
