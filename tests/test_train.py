@@ -206,6 +206,60 @@ def test_two_process_fsdp_run_equals_single_process_run(tiny_llama, chat_states,
     assert "not resuming" in caplog.text and "processes: 2 -> 1" in caplog.text
 
 
+@pytest.mark.slow
+def test_killed_two_process_run_resumes_to_the_uninterrupted_result(
+    tiny_llama, chat_states, tmp_path
+):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    _, d2t, t2d = chat_states
+    data = write_random_states(tmp_path / "hs", tiny_llama, [41] * 24, random_masks=True)
+    common = ["--total-seq-len", 40, "--noise", 0.05, "--val-fraction", 0.25, "--epochs", 2]
+    common += ["--checkpoint-every", 2, "--precision", "fp32", "--nproc-per-node", 2]
+
+    def command(name):
+        args = train_args(tiny_llama, data, d2t, t2d, tmp_path / name, *common)
+        return [
+            sys.executable,
+            "-m",
+            "speculators.cli",
+            "train",
+            *launch.to_argv(train_parser(), args),
+        ]
+
+    full = subprocess.run(command("full"), capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr[-5000:]
+
+    # SIGKILL torchrun and both workers as soon as the first checkpoint is in place.
+    state = tmp_path / "killed" / "work" / "checkpoint" / "train_state.pt"
+    proc = subprocess.Popen(command("killed"), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert state.exists() and not (tmp_path / "killed" / "draft").exists()
+
+    rerun = subprocess.run(command("killed"), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-5000:]
+    resumed_at = [ln for ln in rerun.stderr.splitlines() if "resumed from" in ln]
+    assert resumed_at and not resumed_at[0].endswith("at step 0"), rerun.stderr[-3000:]
+
+    drop = ("tokens_per_s",)
+    a = records(tmp_path / "full" / "draft" / "metrics.jsonl")
+    b = records(tmp_path / "killed" / "draft" / "metrics.jsonl")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in b] == [
+        {k: v for k, v in r.items() if k not in drop} for r in a
+    ]
+    wa = torch.load(tmp_path / "full" / "work" / "best_model.pt", weights_only=True)
+    wb = torch.load(tmp_path / "killed" / "work" / "best_model.pt", weights_only=True)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_checkpoint_of_other_settings_is_set_aside_not_resumed(
     tiny_llama, chat_states, tmp_path, caplog
 ):
