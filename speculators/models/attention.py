@@ -78,10 +78,22 @@ def _run_mask(length: int, step: int, padding: bool, device: torch.device) -> Te
     return torch.cat([first] + [eye] * step, dim=1)
 
 
+# Compiled flex graphs kept per function: one per (KV length, grad mode), i.e. 2 * ttt_steps
+# in a run that validates. Past dynamo's default of 8 (ttt_steps >= 5) flex would silently run
+# unfused, materialising every score matrix.
+FLEX_RECOMPILE_LIMIT = 64
+
+
 @functools.cache
 def _compiled_flex():
+    import torch._dynamo
     from torch.nn.attention.flex_attention import flex_attention
 
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the newer name, then the older one
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), FLEX_RECOMPILE_LIMIT))
+            break
     return torch.compile(flex_attention, dynamic=False)
 
 
