@@ -123,6 +123,24 @@ def stage_gpus(stage):
     return gpus
 
 
+# Host memory per GPU process: each holds the target's embedding and LM head (and the draft) in
+# fp32 while it starts, ~11 GB for a 70B target (H 8192, V 128256), ~4.5 GB for an 8B one.
+HOST_MB_PER_GPU = 12000
+
+
+def stage_mem_mb(stage, base_mb):
+    """resources function: the stage's `mem_gb` if set, else `base_mb` or HOST_MB_PER_GPU per GPU
+    of the job (per node for multi-node training), whichever is more."""
+
+    def mem_mb(wildcards):
+        cfg = RUNS[wildcards.run][stage]
+        if cfg["mem_gb"] is not None:
+            return int(cfg["mem_gb"] * 1024)
+        return max(base_mb, HOST_MB_PER_GPU * cfg["gpus"])
+
+    return mem_mb
+
+
 def hidden_states_output(path):
     """`path` as temp() when `cleanup_hidden_states` is on: Snakemake then deletes it once every
     consumer is done, and a missing one does not rerun finished downstream jobs (the samples

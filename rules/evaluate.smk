@@ -17,7 +17,7 @@ rule evaluate_inprocess:
         "../envs/main.yaml"
     threads: 2
     resources:
-        mem_mb=8000,
+        mem_mb=stage_mem_mb("evaluate", 8000),
         runtime=attempt_runtime(240),
         gpu=stage_gpus("evaluate"),
         cpus_per_gpu=8,
@@ -52,7 +52,7 @@ rule evaluate_vllm:
     conda:
         "../envs/vllm.yaml"
     resources:
-        mem_mb=16000,
+        mem_mb=stage_mem_mb("evaluate", 16000),
         runtime=attempt_runtime(240),
         gpu=stage_gpus("evaluate"),
         cpus_per_gpu=8,

@@ -17,7 +17,7 @@ rule hidden_states_capture:
     # The forward passes use torch threads; Snakemake caps this at --cores and sets OMP_NUM_THREADS.
     threads: 4
     resources:
-        mem_mb=16000,
+        mem_mb=stage_mem_mb("hidden_states", 16000),
         runtime=attempt_runtime(720),
         gpu=stage_gpus("hidden_states"),
         cpus_per_gpu=8,

@@ -18,7 +18,7 @@ rule prepare_regenerate:
     # CPU generation uses torch threads (Snakemake caps this at --cores and sets OMP_NUM_THREADS)
     threads: 4
     resources:
-        mem_mb=8000,
+        mem_mb=stage_mem_mb("regenerate", 8000),
         runtime=attempt_runtime(480),
         gpu=stage_gpus("regenerate"),
         cpus_per_gpu=8,

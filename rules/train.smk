@@ -19,7 +19,7 @@ rule train_draft:
         "../envs/main.yaml"
     threads: 4
     resources:
-        mem_mb=16000,
+        mem_mb=stage_mem_mb("train", 16000),
         runtime=attempt_runtime(1440),
         gpu=stage_gpus("train"),
         cpus_per_gpu=8,

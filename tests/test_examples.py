@@ -81,3 +81,5 @@ def test_example_dry_run_plans_every_stage_with_its_gpus(example):
         stage = GPU_STAGE_OF_RULE.get(job["rule"])
         if stage:
             assert job["resources"].get("gpu") == run[stage]["gpus"], job
+            # host memory grows with the GPUs: each GPU process holds the target's embedding
+            assert job["resources"]["mem_mb"] >= 12000 * run[stage]["gpus"], job

@@ -393,7 +393,7 @@ def test_cli_defaults_match_the_config_schema():
     args = parse("--target", "t", "--data", "d", "--d2t", "a", "--t2d", "b", "--output", "o",
                  "--work-dir", "w")  # fmt: skip
     for key, spec in schema.items():
-        if key in ("gpus", "nodes"):  # reach the CLI as --nproc-per-node / --nnodes
+        if key in ("gpus", "nodes", "mem_gb"):  # --nproc-per-node / --nnodes; a job resource
             continue
         assert getattr(args, key) == spec["default"], key
 
@@ -409,7 +409,7 @@ def test_train_rule_passes_every_train_key_to_the_command(tmp_path):
         "weight_decay": 0.1, "scheduler": "cosine", "warmup_fraction": 0.05, "grad_clip": 0.5,
         "total_seq_len": 4096, "noise": 0.1, "val_fraction": 0.2, "norm_before_residual": False,
         "norm_before_fc": True, "intermediate_size": 1024, "checkpoint_every": 50, "seed": 3,
-        "loggers": ["tensorboard", "wandb"], "gpus": 2, "nodes": 1,
+        "loggers": ["tensorboard", "wandb"], "gpus": 2, "nodes": 1, "mem_gb": 40,
     }  # fmt: skip
     cfg = {
         "models": {"m": {"path": "org/some-model"}},
@@ -431,6 +431,8 @@ def test_train_rule_passes_every_train_key_to_the_command(tmp_path):
             assert args.nproc_per_node == 2
         elif key == "nodes":
             assert args.nnodes == 1
+        elif key == "mem_gb":  # the job's memory, not an option of the command
+            assert any("mem_mb=40960" in ln for ln in out), out
         else:
             assert getattr(args, key) == value, key
     assert args.data == ["results/r/hidden_states/a", "results/r/hidden_states/b"]
