@@ -314,6 +314,40 @@ def test_published_verifier_is_an_absolute_path_with_the_top_level_architectures
     assert verifier["architectures"] == ["TinyVisionForConditionalGeneration"]
 
 
+def test_hub_target_downloads_only_the_shards_the_draft_reads(tiny_llama, tmp_path, monkeypatch):
+    import fnmatch
+
+    import huggingface_hub
+    from transformers import AutoModelForCausalLM
+
+    from speculators.models.io import read_target_weights
+
+    hub = tmp_path / "hub"  # what the Hub serves for "org/tiny"
+    AutoModelForCausalLM.from_pretrained(tiny_llama).save_pretrained(hub, max_shard_size="100KB")
+    weight_map = json.loads((hub / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(weight_map.values())) > 3
+    fetched = set()
+
+    def snapshot_download(repo_id, allow_patterns):
+        assert repo_id == "org/tiny"
+        local = tmp_path / "cache"
+        for f in hub.iterdir():
+            if any(fnmatch.fnmatch(f.name, pat) for pat in allow_patterns):
+                local.mkdir(exist_ok=True)
+                shutil.copy(f, local / f.name)
+                fetched.add(f.name)
+        return str(local)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    folder = trainer.resolve_target("org/tiny")
+    wanted = {weight_map[n] for n in ("model.embed_tokens.weight", "model.norm.weight",
+                                      "lm_head.weight")}  # fmt: skip
+    assert {f for f in fetched if f.endswith(".safetensors")} == wanted
+    cfg = json.loads((hub / "config.json").read_text())
+    w = read_target_weights(folder, cfg["vocab_size"], cfg["hidden_size"])
+    assert w["lm_head"].shape == (cfg["vocab_size"], cfg["hidden_size"])
+
+
 def test_hidden_states_of_another_width_are_refused(tiny_llama, chat_states, tmp_path):
     _, d2t, t2d = chat_states
     data = write_random_states(tmp_path / "hs", tiny_llama, [20, 30], hidden_size=64)

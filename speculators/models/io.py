@@ -105,17 +105,30 @@ def _ties_embeddings(target: Path) -> bool:
     return all(f is not False for f in flags)
 
 
-def read_target_weights(target: str | Path, vocab_size: int, hidden_size: int) -> dict:
-    """The target's embedding [V,H], final norm [H] and LM head [V,H] (the embedding when tied)."""
-    target = Path(target)
-    files = _target_tensor_files(target)
+def _draft_tensor_names(files) -> tuple[str | None, str | None, str | None]:
+    """Names of the target's embedding, final norm and LM head among `files` (None: absent)."""
 
     def find(candidates):
         return next((c for c in candidates if c in files), None)
 
-    embed = find(p + "embed_tokens.weight" for p in TARGET_PREFIXES)
-    norm = find(p + "norm.weight" for p in TARGET_PREFIXES)
-    head = find(TARGET_HEADS)
+    return (
+        find(p + "embed_tokens.weight" for p in TARGET_PREFIXES),
+        find(p + "norm.weight" for p in TARGET_PREFIXES),
+        find(TARGET_HEADS),
+    )
+
+
+def target_weight_shards(index_file: str | Path) -> list[str]:
+    """The shard files (names relative to the index) holding the tensors the draft copies."""
+    weight_map = read_json(index_file).get("weight_map") or {}
+    return sorted({weight_map[n] for n in _draft_tensor_names(weight_map) if n})
+
+
+def read_target_weights(target: str | Path, vocab_size: int, hidden_size: int) -> dict:
+    """The target's embedding [V,H], final norm [H] and LM head [V,H] (the embedding when tied)."""
+    target = Path(target)
+    files = _target_tensor_files(target)
+    embed, norm, head = _draft_tensor_names(files)
     if embed is None or norm is None:
         raise SpeculatorsError(target, "no embed_tokens.weight / final norm.weight in safetensors")
     if head is None and not _ties_embeddings(target):

@@ -108,13 +108,22 @@ def run(args: argparse.Namespace) -> None:
 
 
 def resolve_target(target: str) -> Path:
-    """A local folder, or a Hugging Face id resolved to its (cached) snapshot."""
+    """A local folder, or a Hugging Face id resolved to its (cached) snapshot: the JSON files and
+    only the safetensors shards that hold the embedding, final norm and LM head (a sharded 70B
+    target is ~140 GB; the draft needs ~3 GB of it)."""
     if Path(target).is_dir():
         return Path(target)
+    from speculators.models.io import target_weight_shards
+
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(target, allow_patterns=["*.json", "*.safetensors"]))
+        folder = Path(snapshot_download(target, allow_patterns=["*.json"]))
+        index = folder / "model.safetensors.index.json"
+        shards = target_weight_shards(index) if index.is_file() else ["model.safetensors"]
+        return Path(snapshot_download(target, allow_patterns=["*.json", *shards]))
+    except SpeculatorsError:
+        raise
     except Exception as e:
         raise SpeculatorsError(target, f"not a local folder, and not downloadable ({e})") from None
 
