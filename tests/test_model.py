@@ -190,6 +190,36 @@ def test_two_layer_draft_trains_without_nan(tiny_llama):
     assert losses[-1] < losses[0]
 
 
+def test_incremental_proposals_equal_fresh_ones_on_a_growing_sequence(tiny_llama):
+    """A DraftState encodes only appended positions, and drafts what a fresh propose drafts."""
+    from speculators.models.eagle3 import DraftState
+
+    model = tiny_draft(tiny_llama, num_layers=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.ndim == 2:
+                p.normal_(0.0, 0.2)
+    g = torch.Generator().manual_seed(5)
+    cfg, k = model.config, 3
+    tokens = torch.randint(0, cfg.vocab_size, (1, 41), generator=g)
+    aux = torch.randn(1, 40, cfg.aux_width, generator=g)
+    state = DraftState()
+    encoded = []
+    for n in (6, 7, 10, 11, 15, 40):  # accepted 0..3 tokens between proposals, then a long jump
+        drafted = model.propose(tokens[:, : n + 1], aux[:, :n], k, state=state)
+        encoded.append(state.caches[0].entries[0][0].shape[2])
+        assert drafted.tolist() == model.propose(tokens[:, : n + 1], aux[:, :n], k).tolist(), n
+        for cache in state.caches:  # the drafted positions are forgotten, the prefix is one entry
+            assert len(cache) == 1 and cache.entries[0][0].shape[2] == n
+    assert encoded == [6, 7, 10, 11, 15, 40]
+    # Another sequence (a new prompt) starts the state afresh instead of reusing stale keys.
+    other = torch.randint(0, cfg.vocab_size, (1, 9), generator=g)
+    other_aux = torch.randn(1, 8, cfg.aux_width, generator=g)
+    drafted = model.propose(other, other_aux, k, state=state)
+    assert drafted.tolist() == model.propose(other, other_aux, k).tolist()
+    assert state.caches[0].entries[0][0].shape[2] == 8
+
+
 def test_propose_equals_the_teacher_forced_unroll_on_its_own_tokens(tiny_llama):
     """Drafting k tokens = training's TTT unroll at the last position, fed the drafted tokens."""
     model = tiny_draft(tiny_llama, num_layers=2)

@@ -114,14 +114,19 @@ def check_draft_matches(draft_dir: Path, info: DraftInfo, target_config, target:
 
 
 class DraftProposer:
-    """Adapts a loaded draft model to the Proposer protocol (dtype of the aux states)."""
+    """Adapts a loaded draft model to the Proposer protocol (dtype of the aux states). It keeps
+    the draft's keys of the sequence being decoded, so each proposal encodes only the tokens
+    accepted since the last one (a new prompt starts afresh)."""
 
     def __init__(self, model):
+        from speculators.models.eagle3 import DraftState
+
         self.model = model
         self.dtype = next(model.parameters()).dtype
+        self.state = DraftState()
 
     def propose(self, tokens, aux, k):
-        return self.model.propose(tokens, aux.to(self.dtype), k)
+        return self.model.propose(tokens, aux.to(self.dtype), k, state=self.state)
 
 
 # ---------------------------------------------------------------- evaluation

@@ -183,7 +183,13 @@ class TTTAttention:
 
 def causal_attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Plain causal attention for a single document whose queries are the last keys (inference)."""
-    if q.shape[2] == 1:  # one new query sees every cached key
+    n_q, n_k = q.shape[2], k.shape[2]
+    if n_q == 1:  # one new query sees every cached key
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-    assert q.shape[2] == k.shape[2], "causal_attend expects a fresh prefix"
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if n_q == n_k:  # a fresh prefix
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    # new positions after a cached prefix: query i is key n_k - n_q + i
+    assert n_q < n_k, "causal_attend: more queries than keys"
+    keys = torch.arange(n_k, device=q.device)
+    mask = keys[None, :] <= (n_k - n_q + torch.arange(n_q, device=q.device))[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)

@@ -360,21 +360,33 @@ class Eagle3DraftModel(nn.Module):
         return loss, stats
 
     @torch.no_grad()
-    def propose(self, tokens: Tensor, aux: Tensor, k: int) -> Tensor:
+    def propose(
+        self, tokens: Tensor, aux: Tensor, k: int, state: DraftState | None = None
+    ) -> Tensor:
         """Greedy draft of k target-vocab token ids following tokens[0, -1].
 
         tokens [1, n+1], aux [1, n, n_aux*H] (the target's aux states at positions 0..n-1). Step 0
-        runs over all n positions (position t sees embed(tokens[t+1]) and fc(aux[t]), position id
+        runs over the n positions (position t sees embed(tokens[t+1]) and fc(aux[t]), position id
         t+1); then k-1 steps at the last position feed back its pre-norm state and the drafted token,
         attending to the step-0 prefix and its own earlier copies, as in training.
+
+        With a `state` from an earlier call on a prefix of the same sequence (decoding appends
+        the accepted tokens and their aux states), step 0 runs only over the new positions and
+        attends to the cached keys of the old ones; any other sequence starts the state afresh.
         """
         n = aux.shape[1]
         if tokens.shape != (1, n + 1):
             raise ValueError(f"tokens must be [1, {n + 1}] for aux of length {n}")
-        position_ids = torch.arange(1, n + 1, device=tokens.device)[None]
-        caches = [KVCache() for _ in self.layers]
-        embeds = self.embed_tokens(tokens[:, 1:])
-        hidden = self._layers(embeds, self._fuse(aux), position_ids, caches, causal_attend)
+        state = state if state is not None else DraftState()
+        m = state.reuse(tokens, len(self.layers))
+        if m >= n:  # nothing new to encode, but the last position's output is not kept
+            m = state.reset(len(self.layers))
+        position_ids = torch.arange(m + 1, n + 1, device=tokens.device)[None]
+        embeds = self.embed_tokens(tokens[:, m + 1 :])
+        hidden = self._layers(
+            embeds, self._fuse(aux[:, m:]), position_ids, state.caches, causal_attend
+        )
+        state.encoded(tokens)
         hidden = hidden[:, -1:]
         drafted = []
         for j in range(k):
@@ -384,6 +396,46 @@ class Eagle3DraftModel(nn.Module):
             if j + 1 < k:
                 pos = position_ids[:, -1:] + j + 1
                 hidden = self._layers(
-                    self.embed_tokens(token.view(1, 1)), hidden, pos, caches, causal_attend
+                    self.embed_tokens(token.view(1, 1)), hidden, pos, state.caches, causal_attend
                 )
+        state.drop_draft_steps()
         return torch.stack(drafted)
+
+
+class DraftState:
+    """The draft's step-0 keys/values of the positions encoded so far for one growing sequence.
+
+    Speculative decoding only ever appends (accepted tokens and their aux states), so each
+    proposal encodes just the new positions instead of the whole prefix again.
+    """
+
+    def __init__(self):
+        self.caches: list[KVCache] = []
+        self.tokens: Tensor | None = None  # tokens[0, : m + 1] of the m encoded positions
+
+    def reuse(self, tokens: Tensor, num_layers: int) -> int:
+        """Positions of `tokens` already encoded (0 after a reset for another sequence)."""
+        prev = self.tokens
+        m = 0 if prev is None else prev.shape[1] - 1
+        if m <= 0 or tokens.shape[1] < m + 1 or not torch.equal(tokens[:, : m + 1], prev):
+            return self.reset(num_layers)
+        return m
+
+    def reset(self, num_layers: int) -> int:
+        self.caches = [KVCache() for _ in range(num_layers)]
+        self.tokens = None
+        return 0
+
+    def encoded(self, tokens: Tensor) -> None:
+        """Step 0 now covers every position of `tokens`: merge its cache entries into one."""
+        self.tokens = tokens.clone()
+        for cache in self.caches:
+            if len(cache) > 1:
+                keys = torch.cat([e[0] for e in cache], dim=2)
+                values = torch.cat([e[1] for e in cache], dim=2)
+                cache.entries = [(keys, values)]
+
+    def drop_draft_steps(self) -> None:
+        """Forget the drafted positions' keys: the next proposal re-encodes what was accepted."""
+        for cache in self.caches:
+            del cache.entries[1:]
