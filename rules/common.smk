@@ -245,6 +245,7 @@ def train_model_flags(wildcards):
     flags = [
         "--norm-before-residual" if t["norm_before_residual"] else "--no-norm-before-residual",
         "--norm-before-fc" if t["norm_before_fc"] else "--no-norm-before-fc",
+        "--save-embeddings" if t["save_embeddings"] else "--no-save-embeddings",
         _flag("--intermediate-size", t["intermediate_size"]),
     ]
     return " ".join(f for f in flags if f)

@@ -364,7 +364,8 @@ def test_aux_layer_l_is_the_pre_norm_final_state(llama, prompts):
 
 
 def test_cli_with_an_untrained_draft(tiny_llama, tmp_path, chat_jsonl):
-    """The real draft model plugs in: load_draft + propose through the CLI, output unchanged."""
+    """The real draft model plugs in: load_draft + propose through the CLI, output unchanged; a
+    draft saved without its embedding (verifier not a local folder) shares the loaded target's."""
     import numpy as np
 
     from speculators.models import Eagle3DraftConfig, Eagle3DraftModel
@@ -377,32 +378,21 @@ def test_cli_with_an_untrained_draft(tiny_llama, tmp_path, chat_jsonl):
     t2d[:64] = True
     torch.manual_seed(0)
     draft = Eagle3DraftModel.from_target(cfg, tiny_llama, np.zeros(64, dtype=np.int64), t2d)
-    save_draft(
-        draft,
-        tmp_path / "draft",
-        verifier_name_or_path=str(tiny_llama),
-        verifier_architectures=["LlamaForCausalLM"],
-        dtype=torch.float32,
-    )
-    out = tmp_path / "inprocess.json"
-    rc = _evaluate(
-        tiny_llama,
-        tmp_path / "draft",
-        chat_jsonl,
-        out,
-        "--num-prompts",
-        "2",
-        "--max-new-tokens",
-        "8",
-        "--k",
-        "1",
-        "2",
-    )
-    assert rc == 0
-    data = json.loads(out.read_text())
-    assert data["aux_layer_ids"] == [1, 2, 3]
-    assert [r["k"] for r in data["results"]] == [1, 2]
-    assert all(r["greedy_mismatches"] == 0 and r["drafts"] > 0 for r in data["results"])
+    results = {}
+    for name, verifier, embeddings in (("full", str(tiny_llama), True), ("lean", "org/x", False)):
+        save_draft(draft, tmp_path / name, verifier_name_or_path=verifier,
+                   verifier_architectures=["LlamaForCausalLM"], dtype=torch.float32,
+                   include_embeddings=embeddings)  # fmt: skip
+        out = tmp_path / f"{name}.json"
+        options = ["--num-prompts", 2, "--max-new-tokens", 8, "--k", 1, 2]
+        assert _evaluate(tiny_llama, tmp_path / name, chat_jsonl, out, *options) == 0
+        data = json.loads(out.read_text())
+        assert data["aux_layer_ids"] == [1, 2, 3]
+        assert [r["k"] for r in data["results"]] == [1, 2]
+        assert all(r["greedy_mismatches"] == 0 and r["drafts"] > 0 for r in data["results"])
+        keys = ("drafts", "accepted_tokens", "per_position_acceptance", "output_tokens")
+        results[name] = [{k: r[k] for k in keys} for r in data["results"]]
+    assert results["lean"] == results["full"]
 
 
 def test_draft_for_another_verifier_name_warns(llama, tiny_llama, tmp_path, caplog):

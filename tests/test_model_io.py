@@ -118,6 +118,42 @@ def test_save_then_load_reproduces_outputs(tiny_llama, tmp_path, dtype):
     assert torch.equal(loaded.d2t, model.d2t) and torch.equal(loaded.t2d, model.t2d)
 
 
+def test_draft_saved_without_embeddings_shares_the_targets(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_draft(tiny_llama, num_layers=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    save_draft(model, tmp_path / "full", dtype=torch.float32, **VERIFIER)
+    local = dict(VERIFIER, verifier_name_or_path=str(tiny_llama))
+    save_draft(model, tmp_path / "lean", dtype=torch.float32, include_embeddings=False, **local)
+    with safe_open(tmp_path / "lean" / "model.safetensors", framework="pt") as f:
+        assert set(f.keys()) == _expected_names(2, False) - {"embed_tokens.weight"}
+    size = (tmp_path / "full" / "model.safetensors").stat().st_size
+    v, h = model.config.vocab_size, model.config.hidden_size
+    assert size - (tmp_path / "lean" / "model.safetensors").stat().st_size >= v * h * 4
+
+    batch = packed_batch(model, [12], seed=4)
+    reference = _outputs(load_draft(tmp_path / "full"), batch)
+    # from the loaded target model (what `evaluate` passes), or from the verifier's folder
+    target = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    for loaded in (
+        load_draft(tmp_path / "lean", embedding=target.get_input_embeddings().weight),
+        load_draft(tmp_path / "lean"),
+    ):
+        logits, drafted = _outputs(loaded, batch)
+        assert all(torch.equal(a, b) for a, b in zip(logits, reference[0], strict=True))
+        assert torch.equal(drafted, reference[1])
+
+    # A hub-id verifier and no embedding given: a one-line error naming the file.
+    save_draft(model, tmp_path / "hub", include_embeddings=False, **VERIFIER)
+    with pytest.raises(SpeculatorsError, match="no embed_tokens.weight, and the verifier") as e:
+        load_draft(tmp_path / "hub")
+    assert str(tmp_path / "hub" / "model.safetensors") in str(e.value)
+
+
 def test_failed_save_leaves_no_draft_folder(tiny_llama, tmp_path, monkeypatch):
     model = tiny_draft(tiny_llama)
 

@@ -46,7 +46,7 @@ def prepared_dataset(path: Path, tokenizer_dir: Path) -> Path:
     return path
 
 
-def save_random_draft(target: Path, out: Path, **kw) -> Path:
+def save_random_draft(target: Path, out: Path, include_embeddings: bool = True, **kw) -> Path:
     import numpy as np
 
     from speculators.models import Eagle3DraftConfig, Eagle3DraftModel
@@ -64,6 +64,7 @@ def save_random_draft(target: Path, out: Path, **kw) -> Path:
         verifier_name_or_path=str(target),
         verifier_architectures=["LlamaForCausalLM"],
         dtype=torch.float32,
+        include_embeddings=include_embeddings,
     )
     return out
 
@@ -239,6 +240,29 @@ def test_vllm_serves_a_saved_two_layer_draft_and_reports_acceptance(
     # Speculative decoding must not change greedy output.
     assert row["greedy_mismatches"] == 0
     assert 0 < row["output_tokens"] <= 4 * 12
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_vllm_serves_a_draft_saved_without_embeddings_with_the_targets(
+    tiny_llama, tmp_path, chat_jsonl, capfd
+):
+    """`train.save_embeddings: false`: vLLM loads the lean draft and shares the target's embedding;
+    its drafts are those of the same draft saved whole."""
+    rows = {}
+    for name, whole in (("whole", True), ("lean", False)):
+        draft = save_random_draft(
+            tiny_llama, tmp_path / name, include_embeddings=whole, ttt_steps=2
+        )
+        out = tmp_path / f"{name}.json"
+        argv = eval_argv(tiny_llama, draft, chat_jsonl, out, "--vllm-python", str(VLLM_PYTHON))
+        assert main([*argv, "--vllm-mode", "on"]) == 0
+        (row,) = json.loads(out.read_text())["results"]
+        assert row["greedy_mismatches"] == 0 and row["drafts"] > 0
+        rows[name] = {k: row[k] for k in ("drafts", "accepted_tokens", "output_tokens")}
+        if not whole:
+            assert "without its own embed_tokens" in "".join(capfd.readouterr())
+    assert rows["lean"] == rows["whole"]
 
 
 @pytest.mark.vllm

@@ -317,10 +317,12 @@ def load_target(path: str, device, dtype_name: str):
     return model, tokenizer
 
 
-def load_proposer(draft_dir: Path, device):
+def load_proposer(draft_dir: Path, device, target_model=None):
+    """The draft as a proposer; one saved without its embedding shares the target model's."""
     from speculators.models.io import load_draft
 
-    return DraftProposer(load_draft(draft_dir, device=device).eval())
+    embedding = target_model.get_input_embeddings().weight if target_model is not None else None
+    return DraftProposer(load_draft(draft_dir, device=device, embedding=embedding).eval())
 
 
 def run(args: argparse.Namespace) -> None:
@@ -338,7 +340,7 @@ def run(args: argparse.Namespace) -> None:
     if args.temperature < 0:
         raise SpeculatorsError("--temperature", "must be >= 0")
     specs = load_prompts(args.prompts, args.num_prompts)
-    proposer = load_proposer(args.draft, device)
+    proposer = load_proposer(args.draft, device, model)
     log.info(
         "evaluating %s on %s: %d prompts, k=%s, device %s",
         args.draft,

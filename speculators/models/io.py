@@ -20,6 +20,7 @@ WEIGHTS_FILE = "model.safetensors"
 
 # Checkpoint tensor names (what vLLM's Eagle3 Llama draft loads) -> the model's state_dict names.
 # They coincide today; if vLLM ever wants another name, change the left column only.
+EMBEDDINGS = "embed_tokens.weight"  # optional in a checkpoint: a copy of the target's
 TOP_LEVEL_NAMES = {
     "embed_tokens.weight": "embed_tokens.weight",
     "fc.weight": "fc.weight",
@@ -215,11 +216,18 @@ def save_draft(
     verifier_name_or_path: str,
     verifier_architectures: list[str],
     dtype: torch.dtype = torch.bfloat16,
+    include_embeddings: bool = True,
 ) -> None:
-    """Write config.json + model.safetensors (floats in `dtype`) as one atomic folder."""
+    """Write config.json + model.safetensors (floats in `dtype`) as one atomic folder.
+
+    Without `include_embeddings` the frozen target embedding is left out: vLLM then shares
+    the target's, and `load_draft` reads it from the target.
+    """
     state = model.state_dict()
     tensors = {}
     for saved, own in checkpoint_names(model.config).items():
+        if saved == EMBEDDINGS and not include_embeddings:
+            continue
         t = state[own].detach().cpu()
         tensors[saved] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
     cfg = speculators_config(
@@ -263,9 +271,30 @@ def config_from_speculators(cfg: dict, where) -> object:
         raise SpeculatorsError(where, f"not an EAGLE-3 draft config (missing {e})") from None
 
 
-def load_draft(draft_dir: str | Path, device="cpu", dtype: torch.dtype = torch.float32):
+def _verifier_embedding(cfg: dict, weights: Path) -> torch.Tensor:
+    """The embedding a draft saved without one shares with its verifier (a local folder)."""
+    verifier = (cfg.get("speculators_config") or {}).get("verifier") or {}
+    source = verifier.get("name_or_path")
+    if not source or not Path(source).is_dir():
+        raise SpeculatorsError(
+            weights, f"no {EMBEDDINGS}, and the verifier {source!r} is not a local folder to"
+            " take it from"
+        )  # fmt: skip
+    name = _draft_tensor_names(_target_tensor_files(Path(source)))[0]
+    if name is None:
+        raise SpeculatorsError(source, "no embed_tokens.weight in the target's safetensors")
+    return read_target_tensors(source, [name])[name]
+
+
+def load_draft(
+    draft_dir: str | Path,
+    device="cpu",
+    dtype: torch.dtype = torch.float32,
+    embedding: torch.Tensor | None = None,
+):
     """A draft saved by `save_draft`, in `dtype` on `device` (verifier_norm/lm_head stay zero;
-    a full-vocabulary draft, saved without d2t/t2d, gets the identity mapping)."""
+    a full-vocabulary draft, saved without d2t/t2d, gets the identity mapping). A draft saved
+    without its embedding takes `embedding` (the loaded target's), else its verifier's."""
     from speculators.models.eagle3 import Eagle3DraftModel
 
     draft_dir = Path(draft_dir)
@@ -281,6 +310,10 @@ def load_draft(draft_dir: str | Path, device="cpu", dtype: torch.dtype = torch.f
     except Exception as e:  # safetensors raises its own error types for truncated files
         raise SpeculatorsError(weights, f"unreadable safetensors ({e})") from None
     names = checkpoint_names(config)
+    if EMBEDDINGS not in tensors and set(tensors) == set(names) - {EMBEDDINGS}:
+        tensors[EMBEDDINGS] = (
+            embedding.detach().cpu() if embedding is not None else _verifier_embedding(cfg, weights)
+        )
     if set(tensors) != set(names):
         diff = sorted(set(tensors) ^ set(names))
         raise SpeculatorsError(weights, f"tensor names differ from an EAGLE-3 draft: {diff}")

@@ -58,6 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--norm-before-residual", action=argparse.BooleanOptionalAction, default=True)
     m.add_argument("--norm-before-fc", action=argparse.BooleanOptionalAction, default=False)
     m.add_argument("--intermediate-size", type=int, default=None)
+    m.add_argument(
+        "--save-embeddings", action=argparse.BooleanOptionalAction, default=True,
+        help="keep the target's embedding in the published draft (else vLLM shares the target's)",
+    )  # fmt: skip
     t = p.add_argument_group("training")
     t.add_argument("--ttt-step-loss-decay", type=float, default=1.0)
     t.add_argument("--epochs", type=int, default=10)
@@ -458,6 +462,7 @@ def publish(args, target: Path, data, d2t, t2d, tcfg: dict, summary: dict) -> No
             verifier_architectures=top_config.get("architectures")
             or tcfg.get("architectures")
             or [],
+            include_embeddings=args.save_embeddings,
         )
         (tmp / "metrics.jsonl").write_text((args.work_dir / "metrics.jsonl").read_text())
         write_json(tmp / "train_summary.json", summary)
