@@ -164,6 +164,54 @@ def test_bad_rows_are_skipped_and_counted(tiny_tokenizer_dir, tmp_path):
     assert sorted(ds["row_id"]) == ["g0", "g1", "g2", "g3", "sharegpt"]
 
 
+SHAREGPT_ROWS = [
+    {"id": f"sg{i}", "conversations": [{"from": "human", "value": f"Question {i}?"},
+                                       {"from": "gpt", "value": f"Answer {i}."}]}
+    for i in range(5)
+] + [{"id": "sg-bad", "conversations": [{"from": "human", "value": "Only a question"}]}]  # fmt: skip
+ULTRACHAT_ROWS = [
+    {"prompt": f"Question {i}?", "prompt_id": f"uc{i}",
+     "messages": [{"role": "user", "content": f"Question {i}?"},
+                  {"role": "assistant", "content": f"Answer {i}."},
+                  {"role": "user", "content": "And then?"},
+                  {"role": "assistant", "content": "Then more."}]}
+    for i in range(5)
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "source,hub_id,split,kwargs,rows",
+    [
+        ("sharegpt", "Aeala/ShareGPT_Vicuna_unfiltered", "train",
+         {"data_files": "ShareGPT_V4.3_unfiltered_cleaned_split.json"}, SHAREGPT_ROWS),
+        ("ultrachat", "HuggingFaceH4/ultrachat_200k", "train_sft", {}, ULTRACHAT_ROWS),
+    ],
+)  # fmt: skip
+def test_builtin_hub_sources_load_their_dataset_and_schema(
+    tiny_tokenizer_dir, tmp_path, monkeypatch, source, hub_id, split, kwargs, rows
+):
+    """The named sources ask the Hub for the right id/split/files and read its row schema (the
+    Hub itself is offline here: load_dataset returns rows of the published schema)."""
+    calls = []
+
+    def load_dataset(name, split=None, **kw):
+        calls.append((name, split, kw))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    out = tmp_path / "prepared"
+    assert run_prepare(tiny_tokenizer_dir, source, out, "--eval-prompts", "0") == 0
+    assert calls == [(hub_id, split, kwargs)]
+    ds = datasets.load_from_disk(str(out / "dataset"))
+    ids = sorted(r.get("id") or r["prompt_id"] for r in rows if r.get("id") != "sg-bad")
+    assert sorted(set(ds["row_id"])) == ids
+    assert all(sum(mask) > 0 for mask in ds["loss_mask"])
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["selection"]["dropped"] == (
+        {"no_assistant_turn": 1} if source == "sharegpt" else {}
+    )
+
+
 def test_min_supervised_tokens_drops_short_rows(tiny_tokenizer_dir, tmp_path):
     rows = [
         {
