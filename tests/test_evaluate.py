@@ -266,6 +266,33 @@ def test_mt_bench_second_turn_follows_greedy_answer(llama, tmp_path):
     assert all(r["output_tokens"] <= 12 and r["greedy_mismatches"] == 0 for r in res["results"])
 
 
+def test_vllm_rounds_ask_the_in_process_evaluators_turns(llama, tmp_path):
+    """evaluate-vllm batches turns by round; its prompts must be the in-process ones, each
+    follow-up after the target's greedy answer to the turn before."""
+    from speculators.evaluate.vllm_eval import Turns
+
+    model, tok = llama
+    rows = [{"turns": ["hello", "and then?", "why?"]}, {"turns": ["hi"]},
+            {"conversations": [{"role": "user", "content": "tell me"}]},
+            {"turns": ["one", "two"]}]  # fmt: skip
+    specs = load_prompts([_write(tmp_path / "mt.jsonl", rows)], 4)
+    target, counts = inprocess.Target(model, AUX), {}
+    jobs = list(inprocess.iter_jobs(target, tok, specs, 6, 10_000, set(), counts))
+    by_turn = {}
+    for job in jobs:  # ids "<spec>#<turn>"
+        by_turn.setdefault(int(job.id.rsplit("#", 1)[1]), []).append(job)
+    turns = Turns(tok, specs, max_prompt=10_000)
+    rounds = [turns.first()]
+    answers = {1: [j.baseline for j in by_turn[1]]}
+    for r in (1, 2, 3):
+        rounds.append(turns.next_round(answers[r]))
+        answers[r + 1] = [j.baseline for j in by_turn.get(r + 1, [])]
+    assert [len(r) for r in rounds] == [4, 2, 1, 0]
+    for r, prompts in enumerate(rounds[:3], start=1):
+        assert prompts == [j.prompt for j in by_turn[r]], r
+    assert turns.truncated == 0 and turns.has_followups
+
+
 def _write(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -146,8 +146,9 @@ def test_spec_counts_sum_label_sets_and_result_row_uses_vllm_convention():
     counts = spec_counts(metrics) - SpecCounts(drafts=0, accepted_per_pos=[1])
     assert (counts.drafts, counts.draft_tokens, counts.accepted_tokens) == (10, 30, 12)
     assert counts.accepted_per_pos == [6, 4, 1]
-    spec = EngineRun([[1, 2, 3], [4]], seconds=1.0, start_seconds=0.0, counts=counts)
-    base = EngineRun([[1, 2, 3], [5]], seconds=2.0, start_seconds=0.0, counts=SpecCounts())
+    prompts = [[7], [8]]
+    spec = EngineRun(prompts, [[1, 2, 3], [4]], seconds=1.0, start_seconds=0.0, counts=counts)
+    base = EngineRun(prompts, [[1, 2, 3], [5]], seconds=2.0, start_seconds=0.0, counts=SpecCounts())
     row = result_row(3, spec, base, temperature=0.0)
     assert row["acceptance_length"] == pytest.approx(1 + 12 / 10)
     assert row["per_position_acceptance"] == [0.6, 0.4, 0.1]
@@ -263,6 +264,31 @@ def test_vllm_serves_a_draft_saved_without_embeddings_with_the_targets(
         if not whole:
             assert "without its own embed_tokens" in "".join(capfd.readouterr())
     assert rows["lean"] == rows["whole"]
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_vllm_asks_mt_bench_follow_ups_like_the_in_process_evaluator(tiny_llama, tmp_path):
+    """Every turn of MT-Bench-style prompts is decoded, each follow-up after the greedy answer:
+    the same turns and (fp32, greedy) the same output tokens as `speculators evaluate`."""
+    draft = save_random_draft(tiny_llama, tmp_path / "draft", ttt_steps=2)
+    rows = [{"id": "a", "turns": ["Hello there", "And then?", "Why?"]},
+            {"id": "b", "turns": ["Tell me a story"]},
+            {"id": "c", "turns": ["What is up", "Really?"]}]  # fmt: skip
+    prompts = tmp_path / "mt.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "vllm.json"
+    argv = eval_argv(tiny_llama, draft, prompts, out, "--vllm-python", str(VLLM_PYTHON))
+    assert main([*argv, "--vllm-mode", "on"]) == 0
+    vllm = json.loads(out.read_text())
+    inproc_out = tmp_path / "inprocess.json"
+    inproc_argv = ["evaluate", *argv[1 : argv.index("--output")], "--output", str(inproc_out)]
+    assert main([*inproc_argv, "--dtype", "float32"]) == 0
+    inproc = json.loads(inproc_out.read_text())
+    assert vllm["num_prompts"] == 3 and vllm["num_turns"] == inproc["num_turns"] == 6
+    (row,) = vllm["results"]
+    assert row["greedy_mismatches"] == 0
+    assert row["output_tokens"] == inproc["results"][0]["output_tokens"]
 
 
 @pytest.mark.vllm

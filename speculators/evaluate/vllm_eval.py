@@ -100,12 +100,50 @@ def run(args: argparse.Namespace) -> None:
     return None
 
 
+class Turns:
+    """The prompts of each round: first turns, then (MT-Bench) each follow-up question after
+    the target's own greedy answer to the previous turn, as the in-process evaluator asks them."""
+
+    def __init__(self, tokenizer, specs, max_prompt: int):
+        self.tokenizer, self.specs, self.max_prompt = tokenizer, specs, max_prompt
+        self.messages = [list(s.messages) for s in specs]
+        self.active = list(range(len(specs)))  # specs asked in the current round
+        self.turn, self.truncated = 0, 0
+        self.has_followups = any(s.followups for s in specs)
+
+    def _render(self, i: int) -> list[int]:
+        from speculators.evaluate.prompts import render_prompt
+
+        ids = render_prompt(self.tokenizer, self.messages[i])
+        if len(ids) > self.max_prompt:  # keep the end: it holds the generation prompt
+            self.truncated += 1
+            ids = ids[-self.max_prompt :]
+        return ids
+
+    def first(self) -> list[list[int]]:
+        return [self._render(i) for i in self.active]
+
+    def next_round(self, answers: list[list[int]]) -> list[list[int]]:
+        self.turn += 1
+        asked = []
+        for i, answer in zip(self.active, answers, strict=True):
+            if self.turn <= len(self.specs[i].followups):
+                text = self.tokenizer.decode(answer, skip_special_tokens=True)
+                self.messages[i] += [
+                    {"role": "assistant", "content": text},
+                    {"role": "user", "content": self.specs[i].followups[self.turn - 1]},
+                ]
+                asked.append(i)
+        self.active = asked
+        return [self._render(i) for i in asked]
+
+
 def evaluate_here(args: argparse.Namespace) -> None:
     """Inside the vLLM environment: render the prompts, run the engines, write the JSON."""
     from transformers import AutoConfig, AutoTokenizer
 
     from speculators.evaluate.inprocess import check_draft_matches, read_draft_info
-    from speculators.evaluate.prompts import load_prompts, render_prompt
+    from speculators.evaluate.prompts import load_prompts
     from speculators.vllm import evaluate as engine
 
     info = read_draft_info(args.draft)
@@ -127,14 +165,12 @@ def evaluate_here(args: argparse.Namespace) -> None:
             "--max-new-tokens", f"{args.max_new_tokens} leaves no room in a {context}-token context"
         )
     # The same token ids as the in-process evaluator: one renderer for both.
-    prompts = [render_prompt(tokenizer, s.messages) for s in specs]
-    truncated = sum(len(p) > max_prompt for p in prompts)
-    if truncated:
-        log.warning(
-            "%d prompts longer than %d tokens keep their last tokens", truncated, max_prompt
-        )
-    prompts = [p[-max_prompt:] for p in prompts]
-    max_model_len = min(context, max(map(len, prompts)) + args.max_new_tokens + max(ks) + 1)
+    turns = Turns(tokenizer, specs, max_prompt)
+    prompts = turns.first()
+    room = args.max_new_tokens + max(ks) + 1
+    # Follow-up turns grow by an answer and a question each: allow the whole context then.
+    longest = max_prompt if turns.has_followups else max(map(len, prompts))
+    max_model_len = min(context, longest + room)
     log.info(
         "vLLM evaluation of %s on %s: %d prompts, k=%s", args.draft, args.target, len(prompts), ks
     )
@@ -147,7 +183,12 @@ def evaluate_here(args: argparse.Namespace) -> None:
         temperature=args.temperature,
         seed=args.seed,
         max_model_len=max_model_len,
+        next_round=turns.next_round,
     )
+    if turns.truncated:
+        log.warning(
+            "%d prompts longer than %d tokens keep their last tokens", turns.truncated, max_prompt
+        )
     write_json(
         args.output,
         {
@@ -162,7 +203,8 @@ def evaluate_here(args: argparse.Namespace) -> None:
             "aux_layer_ids": info.aux_layer_ids,
             "prompts": [str(p) for p in args.prompts],
             "seed": args.seed,
-            "truncated_prompts": truncated,
+            "num_turns": len(baseline.prompts),
+            "truncated_prompts": turns.truncated,
             "baseline_output_tokens": baseline.output_tokens,
             "baseline_engine_start_s": round(baseline.start_seconds, 1),
             "results": rows,

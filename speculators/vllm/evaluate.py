@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +68,7 @@ def on_cpu() -> bool:
 
 @dataclass
 class EngineRun:
+    prompts: list[list[int]]  # every prompt decoded, turns after the first included
     outputs: list[list[int]]  # generated token ids per prompt
     seconds: float
     start_seconds: float
@@ -87,8 +88,13 @@ def run_engine(
     seed: int,
     max_model_len: int,
     speculative_config: dict | None = None,
+    next_round: Callable[[list[list[int]]], list[list[int]]] | None = None,
 ) -> EngineRun:
-    """Start an engine, warm it up, time one batched generate over `prompts`, shut it down."""
+    """Start an engine, warm it up, time batched generates over `prompts`, shut it down.
+
+    `next_round(outputs)` gives the prompts of the next round from the answers to the last one
+    (MT-Bench follow-up turns); rounds continue until it returns none.
+    """
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -114,15 +120,22 @@ def run_engine(
         )
         params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed)
         before = spec_counts(llm.get_metrics())
-        t0 = time.perf_counter()
-        outs = llm.generate(
-            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
-        )
-        seconds = time.perf_counter() - t0
+        all_prompts, outputs, seconds = [], [], 0.0
+        batch = [list(p) for p in prompts]
+        while batch:
+            t0 = time.perf_counter()
+            outs = llm.generate(
+                [TokensPrompt(prompt_token_ids=p) for p in batch], params, use_tqdm=False
+            )
+            seconds += time.perf_counter() - t0
+            answers = [list(o.outputs[0].token_ids) for o in outs]
+            all_prompts += batch
+            outputs += answers
+            batch = next_round(answers) if next_round else []
         counts = spec_counts(llm.get_metrics()) - before
     finally:
         shutdown_engine(llm)
-    return EngineRun([list(o.outputs[0].token_ids) for o in outs], seconds, start_seconds, counts)
+    return EngineRun(all_prompts, outputs, seconds, start_seconds, counts)
 
 
 def result_row(k: int, spec: EngineRun, baseline: EngineRun, temperature: float) -> dict:
@@ -161,15 +174,20 @@ def evaluate(
     temperature: float,
     seed: int,
     max_model_len: int,
+    next_round: Callable[[list[list[int]]], list[list[int]]] | None = None,
 ) -> tuple[EngineRun, list[dict]]:
-    """The target alone once, then one engine per K with the draft; returns (baseline, rows)."""
+    """The target alone once, then one engine per K with the draft; returns (baseline, rows).
+
+    Follow-up turns (`next_round`) are built from the baseline's answers, as the in-process
+    evaluator does; the drafting engines then decode every turn's prompt in one batch.
+    """
     common = dict(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         seed=seed,
         max_model_len=max_model_len,
     )
-    baseline = run_engine(target, prompts, **common)
+    baseline = run_engine(target, prompts, next_round=next_round, **common)
     log.info(
         "baseline: %d tokens in %.2f s (engine start %.1f s)",
         baseline.output_tokens,
@@ -179,7 +197,7 @@ def evaluate(
     rows = []
     for k in ks:
         spec = {"method": "eagle3", "model": str(draft), "num_speculative_tokens": k}
-        run = run_engine(target, prompts, speculative_config=spec, **common)
+        run = run_engine(target, baseline.prompts, speculative_config=spec, **common)
         row = result_row(k, run, baseline, temperature)
         log.info(
             "k=%d acceptance_length=%s speedup=%s", k, row["acceptance_length"], row["speedup"]
