@@ -341,7 +341,9 @@ def test_cli_writes_shared_schema(tiny_llama, tmp_path, monkeypatch, chat_jsonl)
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     draft = _draft_config(tmp_path / "draft", vocab=model.config.vocab_size)
-    monkeypatch.setattr(inprocess, "load_proposer", lambda d, dev: Oracle(model, check_aux=False))
+    monkeypatch.setattr(
+        inprocess, "load_proposer", lambda d, dev, target_model: Oracle(model, check_aux=False)
+    )
 
     out = tmp_path / "eval" / "inprocess.json"
     rc = _evaluate(
