@@ -135,7 +135,7 @@ def stage_mem_mb(stage, base_mb):
     def mem_mb(wildcards):
         cfg = RUNS[wildcards.run][stage]
         if cfg["mem_gb"] is not None:
-            return int(cfg["mem_gb"] * 1024)
+            return int(cfg["mem_gb"] * 1000)  # Snakemake's mem_mb counts MB, as mem="40GB" does
         return max(base_mb, HOST_MB_PER_GPU * cfg["gpus"])
 
     return mem_mb

@@ -78,7 +78,10 @@ def test_per_document_and_dense_give_the_same_outputs_and_gradients(
     results = {}
     for kind in ("dense", "documents"):
         model.zero_grad()
-        loss, stats = model(**batch, ttt_steps=steps, attention=kind)
+        with pytest.MonkeyPatch.context() as mp:
+            if kind == "documents":  # the per-document path itself, never the dense fallback
+                mp.setattr(TTTAttention, "_dense", lambda *a: pytest.fail("dense fallback"))
+            loss, stats = model(**batch, ttt_steps=steps, attention=kind)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[kind] = (loss.detach(), stats, grads)
@@ -102,7 +105,9 @@ def test_per_document_attention_sees_the_same_keys_as_the_dense_mask():
         k = torch.randn(1, 2, (step + 1) * t, 8, generator=g)
         v = torch.randn(1, 2, (step + 1) * t, 8, generator=g)
         dense = TTTAttention(docs, "dense").for_step(step)(q, k, v)
-        per_doc = TTTAttention(docs, "documents").for_step(step)(q, k, v)
+        attention = TTTAttention(docs, "documents")
+        per_doc = attention.for_step(step)(q, k, v)
+        assert attention._runs == document_runs(docs) and len(attention._runs) == 5
         torch.testing.assert_close(per_doc, dense, rtol=1e-5, atol=1e-6)
 
 

@@ -204,20 +204,37 @@ def test_incremental_proposals_equal_fresh_ones_on_a_growing_sequence(tiny_llama
     tokens = torch.randint(0, cfg.vocab_size, (1, 41), generator=g)
     aux = torch.randn(1, 40, cfg.aux_width, generator=g)
     state = DraftState()
-    encoded = []
+    encoded, fuse = [], model._fuse  # positions step 0 runs over, per stateful call
+
+    def counting_fuse(a):
+        encoded.append(a.shape[1])
+        return fuse(a)
+
     for n in (6, 7, 10, 11, 15, 40):  # accepted 0..3 tokens between proposals, then a long jump
+        model._fuse = counting_fuse
         drafted = model.propose(tokens[:, : n + 1], aux[:, :n], k, state=state)
-        encoded.append(state.caches[0].entries[0][0].shape[2])
+        del model._fuse
         assert drafted.tolist() == model.propose(tokens[:, : n + 1], aux[:, :n], k).tolist(), n
         for cache in state.caches:  # the drafted positions are forgotten, the prefix is one entry
             assert len(cache) == 1 and cache.entries[0][0].shape[2] == n
-    assert encoded == [6, 7, 10, 11, 15, 40]
+    assert encoded == [6, 1, 3, 1, 4, 25]  # only what was appended since the last call
     # Another sequence (a new prompt) starts the state afresh instead of reusing stale keys.
     other = torch.randint(0, cfg.vocab_size, (1, 9), generator=g)
     other_aux = torch.randn(1, 8, cfg.aux_width, generator=g)
     drafted = model.propose(other, other_aux, k, state=state)
     assert drafted.tolist() == model.propose(other, other_aux, k).tolist()
     assert state.caches[0].entries[0][0].shape[2] == 8
+
+    # A call that fails half-way (layer 1 out of memory) leaves nothing the next call reuses.
+    def failing(*a, **kw):
+        raise RuntimeError("out of memory")
+
+    model.layers[1].forward = failing
+    with pytest.raises(RuntimeError):
+        model.propose(tokens[:, :12], aux[:, :11], k, state=state)
+    del model.layers[1].forward
+    drafted = model.propose(tokens[:, :12], aux[:, :11], k, state=state)
+    assert drafted.tolist() == model.propose(tokens[:, :12], aux[:, :11], k).tolist()
 
 
 def test_propose_equals_the_teacher_forced_unroll_on_its_own_tokens(tiny_llama):

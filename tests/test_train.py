@@ -260,6 +260,23 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_ranks_that_see_other_input_stamps_still_take_rank_0s_resume_decision(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    from train_fixtures import checkpoint_resume_worker
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # Rank 1's node sees another mtime of the same target file: its fingerprint differs.
+    fingerprints = [{"input_files": "aaaa"}, {"input_files": "bbbb"}]
+    mp.spawn(checkpoint_resume_worker, nprocs=2, join=True,
+             args=(2, str(tmp_path / "work"), port, fingerprints, str(tmp_path)))  # fmt: skip
+    progress = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert progress == [{"global_step": 5}] * 2  # both resumed, as rank 0 decided
+
+
 def test_checkpoint_of_other_settings_is_set_aside_not_resumed(
     tiny_llama, chat_states, tmp_path, caplog
 ):
@@ -348,6 +365,28 @@ def test_hub_target_downloads_only_the_shards_the_draft_reads(tiny_llama, tmp_pa
     assert w["lm_head"].shape == (cfg["vocab_size"], cfg["hidden_size"])
 
 
+def test_input_stamps_cover_only_the_files_the_draft_reads(tiny_llama, chat_states, tmp_path):
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    data = chat_states[0]
+    target = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_llama).save_pretrained(target, max_shard_size="100KB")
+    weight_map = json.loads((target / "model.safetensors.index.json").read_text())["weight_map"]
+    read = {weight_map[n] for n in ("model.embed_tokens.weight", "model.norm.weight",
+                                    "lm_head.weight")}  # fmt: skip
+    other = sorted(set(weight_map.values()) - read)[0]
+    stamps = trainer.input_file_stamps(target, [data])
+    names = {s[0] for s in stamps}
+    assert names == {"data[0]/data_config.json", "target/config.json",
+                     "target/model.safetensors.index.json"} | {f"target/{f}" for f in read}  # fmt: skip
+    os.utime(target / other, ns=(1, 1))  # a layer shard the draft never reads: no change
+    assert trainer.input_file_stamps(target, [data]) == stamps
+    os.utime(target / sorted(read)[0], ns=(1, 1))  # the embedding's or head's shard: a change
+    assert trainer.input_file_stamps(target, [data]) != stamps
+
+
 def test_hidden_states_of_another_width_are_refused(tiny_llama, chat_states, tmp_path):
     _, d2t, t2d = chat_states
     data = write_random_states(tmp_path / "hs", tiny_llama, [20, 30], hidden_size=64)
@@ -406,6 +445,43 @@ def test_nan_batch_is_skipped_counted_and_its_file_named(tiny_llama, chat_states
     named = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert len(named) == 2 and all(str(data / "data_0.pt") in m for m in named), named
     assert "data_1.pt" not in caplog.text
+
+
+def test_nan_validation_is_never_the_best_epoch(tiny_llama, chat_states, tmp_path, caplog,
+                                                monkeypatch):  # fmt: skip
+    _, d2t, t2d = chat_states
+    data = write_random_states(tmp_path / "hs", tiny_llama, [40] * 8)
+    vocab = json.loads((tiny_llama / "config.json").read_text())["vocab_size"]
+    opened = HiddenStatesData.open([data], hidden_size=128, vocab_size=vocab, num_layers=4)
+    for i in opened.split(0.25, 0)[1]:  # every validation sample
+        _poison(data, i)
+    args = train_args(tiny_llama, data, d2t, t2d, tmp_path / "a", "--val-fraction", 0.25,
+                      "--epochs", 2)  # fmt: skip
+    caplog.set_level("WARNING")
+    trainer.run(args)
+    assert caplog.text.count("cannot be the best") == 2
+    assert str(opened.samples[opened.split(0.25, 0)[1][0]].path) in caplog.text  # named
+    summary = json.loads((tmp_path / "a" / "draft" / "train_summary.json").read_text())
+    assert summary["best_epoch"] is None and summary["best_val_loss"] is None  # the last, said so
+    assert "publishing the last weights" in caplog.text
+
+    # A later epoch that diverges (NaN validation) must not replace an earlier good best.
+    real = trainer.evaluate
+    clean = write_random_states(tmp_path / "hs2", tiny_llama, [40] * 8)
+    calls = []
+
+    def evaluate(model, loader, bins, a, env):
+        calls.append(1)
+        if len(calls) == 1:
+            return real(model, loader, bins, a, env)
+        return {"loss": math.nan, "left_out_batches": 1}
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    trainer.run(train_args(tiny_llama, clean, d2t, t2d, tmp_path / "b", "--val-fraction", 0.25,
+                           "--epochs", 2))  # fmt: skip
+    summary = json.loads((tmp_path / "b" / "draft" / "train_summary.json").read_text())
+    assert len(calls) == 2 and summary["best_epoch"] == 0
+    assert math.isfinite(summary["best_val_loss"])
 
 
 def test_training_stops_when_every_step_is_nan(tiny_llama, chat_states, tmp_path):
@@ -467,7 +543,7 @@ def test_train_rule_passes_every_train_key_to_the_command(tmp_path):
         elif key == "nodes":
             assert args.nnodes == 1
         elif key == "mem_gb":  # the job's memory, not an option of the command
-            assert any("mem_mb=40960" in ln for ln in out), out
+            assert any("mem_mb=40000" in ln for ln in out), out
         else:
             assert getattr(args, key) == value, key
     assert args.data == ["results/r/hidden_states/a", "results/r/hidden_states/b"]

@@ -118,3 +118,31 @@ def write_vocab(out: Path, vocab_size: int, draft_vocab_size: int, data: Path | 
     np.save(out / "d2t.npy", d2t.astype(np.int64))
     np.save(out / "t2d.npy", t2d)
     return out / "d2t.npy", out / "t2d.npy"
+
+
+def checkpoint_resume_worker(rank: int, world: int, work: str, port: int, fingerprints, out: str):
+    """One gloo rank: save a checkpoint with fingerprints[0], load it with its own fingerprint
+    (ranks on other nodes may see other file stamps), then meet the others at a barrier."""
+    import datetime
+    import json
+    import os
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from speculators.train.checkpoint import Checkpointer
+    from speculators.train.distributed import DistEnv
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    timeout = datetime.timedelta(seconds=30)  # a mismatched collective fails, it does not hang
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    env = DistEnv(rank=rank, world_size=world)
+    model = fully_shard(torch.nn.Linear(4, 4))
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    Checkpointer(work, env, fingerprints[0]).save(model, opt, sched, {"global_step": 5})
+    progress = Checkpointer(work, env, fingerprints[rank]).load(model, opt, sched)
+    dist.barrier()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(progress))
+    dist.destroy_process_group()

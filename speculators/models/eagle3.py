@@ -381,12 +381,13 @@ class Eagle3DraftModel(nn.Module):
         m = state.reuse(tokens, len(self.layers))
         if m >= n:  # nothing new to encode, but the last position's output is not kept
             m = state.reset(len(self.layers))
+        state.tokens = None  # until this call succeeds: an exception leaves no half-state
         position_ids = torch.arange(m + 1, n + 1, device=tokens.device)[None]
         embeds = self.embed_tokens(tokens[:, m + 1 :])
         hidden = self._layers(
             embeds, self._fuse(aux[:, m:]), position_ids, state.caches, causal_attend
         )
-        state.encoded(tokens)
+        state.merge()
         hidden = hidden[:, -1:]
         drafted = []
         for j in range(k):
@@ -398,7 +399,7 @@ class Eagle3DraftModel(nn.Module):
                 hidden = self._layers(
                     self.embed_tokens(token.view(1, 1)), hidden, pos, state.caches, causal_attend
                 )
-        state.drop_draft_steps()
+        state.finish(tokens)
         return torch.stack(drafted)
 
 
@@ -426,16 +427,17 @@ class DraftState:
         self.tokens = None
         return 0
 
-    def encoded(self, tokens: Tensor) -> None:
-        """Step 0 now covers every position of `tokens`: merge its cache entries into one."""
-        self.tokens = tokens.clone()
+    def merge(self) -> None:
+        """Step 0 now covers every position: one cache entry per layer, before drafting."""
         for cache in self.caches:
             if len(cache) > 1:
                 keys = torch.cat([e[0] for e in cache], dim=2)
                 values = torch.cat([e[1] for e in cache], dim=2)
                 cache.entries = [(keys, values)]
 
-    def drop_draft_steps(self) -> None:
-        """Forget the drafted positions' keys: the next proposal re-encodes what was accepted."""
+    def finish(self, tokens: Tensor) -> None:
+        """Forget the drafted positions' keys (the next proposal encodes what was accepted) and
+        record the encoded sequence; until then `tokens` is None, so a failed call resets."""
         for cache in self.caches:
             del cache.entries[1:]
+        self.tokens = tokens.clone()

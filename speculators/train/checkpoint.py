@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from speculators.fileio import torch_save
-from speculators.train.distributed import DistEnv, barrier
+from speculators.train.distributed import DistEnv, barrier, broadcast_object
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,9 @@ class Checkpointer:
         diff = fingerprint_diff(meta["fingerprint"], self.fingerprint)
         if meta["world_size"] != self.env.world_size:
             diff.append(f"processes: {meta['world_size']} -> {self.env.world_size}")
+        # Rank 0 decides for all: a rank that saw other settings would otherwise take the other
+        # branch, and the ranks' collectives would no longer match (a hang, not an error).
+        diff = broadcast_object(diff, self.env)
         if diff:
             barrier(self.env)  # every rank has read the metadata before it moves
             if self.env.is_main:

@@ -133,17 +133,24 @@ def resolve_target(target: str) -> Path:
 
 
 def input_file_stamps(target: Path, folders) -> list:
-    """(path, size, mtime) of the files whose rewrite means new inputs of the same shapes: each
+    """(name, size, mtime) of the files whose rewrite means new inputs of the same shapes: each
     hidden-states folder's data_config.json (written last by every capture) and the target's
-    config and weights. Re-captured states or a replaced target thus never resume (or publish)
-    a checkpoint trained on the old ones; a resume after preemption sees the same stamps."""
-    files = [Path(f) / "data_config.json" for f in folders]
-    files += sorted(target.glob("config.json")) + sorted(target.glob("*.safetensors*"))
+    config, index and the shards the draft reads. Re-captured states or a replaced target thus
+    never resume (or publish) a checkpoint trained on the old ones; a resume after preemption
+    sees the same stamps. Names are relative and symlinks (Hugging Face snapshots) are followed
+    to their blobs, so a new snapshot revision with the same files stamps the same."""
+    from speculators.models.io import target_weight_shards
+
+    files = [(f"data[{i}]/data_config.json", Path(f) / "data_config.json")
+             for i, f in enumerate(folders)]  # fmt: skip
+    index = target / "model.safetensors.index.json"
+    shards = target_weight_shards(index) if index.is_file() else ["model.safetensors"]
+    files += [(f"target/{name}", target / name) for name in ("config.json", index.name, *shards)]
     stamps = []
-    for f in files:
+    for name, f in files:
         with contextlib.suppress(OSError):
             st = f.stat()
-            stamps.append([str(f), st.st_size, st.st_mtime_ns])
+            stamps.append([name, st.st_size, st.st_mtime_ns])
     return stamps
 
 
@@ -258,9 +265,12 @@ def evaluate(model, loader: BatchLoader, bins, args, env) -> dict | None:
     )
     left_out = int(distributed.all_reduce_sum(torch.tensor([float(left_out)]), env).item())
     val["left_out_batches"] = left_out
+    if val["supervised_tokens"] == 0 and left_out:  # e.g. a diverged model: not a best epoch
+        log.warning("validation: %d batches left out for NaN/inf and no supervised tokens in"
+                    " the rest; this epoch cannot be the best", left_out)  # fmt: skip
+        return {"loss": math.nan, "left_out_batches": left_out}
     if val["supervised_tokens"] == 0:
-        why = f"all {left_out} batches had NaN/inf" if left_out else "no supervised tokens"
-        log.warning("validation split: %s; the last epoch counts as best", why)
+        log.warning("validation split has no supervised tokens; the last epoch counts as best")
         return None
     return val
 
@@ -321,7 +331,10 @@ def train(args: argparse.Namespace, env: distributed.DistEnv) -> None:
     model = distributed.parallelize(model, env)
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
     scheduler = build_scheduler(optimizer, total_steps, args.warmup_fraction, args.scheduler)
-    ckpt = Checkpointer(args.work_dir, env, fingerprint(args, target, data, d2t, t2d))
+    # Rank 0's view: ranks on other nodes may see other mtimes, and every rank must take the
+    # same resume decision (or their collectives no longer match).
+    fp = distributed.broadcast_object(fingerprint(args, target, data, d2t, t2d), env)
+    ckpt = Checkpointer(args.work_dir, env, fp)
     progress = ckpt.load(model, optimizer, scheduler)
     progress = progress or {
         "epoch": 0, "step_in_epoch": 0, "global_step": 0, "skipped_steps": 0,
@@ -403,7 +416,7 @@ def train(args: argparse.Namespace, env: distributed.DistEnv) -> None:
 
         # -- end of epoch: validate, keep the best, checkpoint --------------------------------
         val = evaluate(model, val_loader, val_bins, args, env)
-        if val is not None:
+        if val is not None and math.isfinite(val["loss"]):
             metrics.write({"split": "val", "epoch": epoch, "step": progress["global_step"],
                            "lr": scheduler.get_last_lr()[0], **val, "tokens_per_s": None})  # fmt: skip
             log.info("epoch %d validation: loss %.4f, full_acc %s, acceptance length ~%.2f",
