@@ -18,7 +18,7 @@ import torch
 from speculators.devices import add_gpus_argument, check_job_gpus
 from speculators.errors import SpeculatorsError
 from speculators.evaluate import add_common_arguments
-from speculators.evaluate.prompts import PromptSpec, load_prompts, render_prompt
+from speculators.evaluate.prompts import PromptSpec, follow_up, load_prompts, render_within
 from speculators.evaluate.spec_decode import DecodeStats, Target, greedy_decode, speculative_decode
 from speculators.fileio import read_json, write_json
 
@@ -165,14 +165,9 @@ def iter_jobs(
         messages, answer = list(spec.messages), ""
         for turn in range(1 + len(spec.followups)):
             if turn:
-                messages += [
-                    {"role": "assistant", "content": answer},
-                    {"role": "user", "content": spec.followups[turn - 1]},
-                ]
-            ids = render_prompt(tokenizer, messages)
-            if len(ids) > max_prompt:
-                ids = ids[-max_prompt:]  # keep the end: it holds the generation prompt
-                counts["truncated"] = counts.get("truncated", 0) + 1
+                messages = follow_up(messages, answer, spec.followups[turn - 1])
+            ids, cut = render_within(tokenizer, messages, max_prompt)
+            counts["truncated"] = counts.get("truncated", 0) + cut
             out, seconds = greedy_decode(target, ids, max_new_tokens, eos)
             answer = tokenizer.decode(out, skip_special_tokens=True)
             yield Job(f"{spec.id}#{turn + 1}", ids, out, seconds)
@@ -263,7 +258,7 @@ def evaluate(
             f"{max_new_tokens} leaves no room for a prompt in a {context}-token context",
         )
     # Warm-up, so one-off allocation and kernel selection do not land in the first timing.
-    greedy_decode(target, render_prompt(tokenizer, specs[0].messages)[-max_prompt:], 2, eos)
+    greedy_decode(target, render_within(tokenizer, specs[0].messages, max_prompt)[0], 2, eos)
     counts: dict = {}
     sweep = Sweep(list(ks), temperature, seed)
     for job in iter_jobs(target, tokenizer, specs, max_new_tokens, max_prompt, eos, counts):

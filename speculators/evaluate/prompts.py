@@ -96,3 +96,19 @@ def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     # The template already holds any BOS it wants; do not let the tokenizer add another.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def render_within(tokenizer, messages: list[dict], max_prompt: int) -> tuple[list[int], bool]:
+    """`render_prompt` cut to its last `max_prompt` tokens (they hold the generation prompt);
+    also says whether it was cut."""
+    ids = render_prompt(tokenizer, messages)
+    return ids[-max_prompt:], len(ids) > max_prompt
+
+
+def follow_up(messages: list[dict], answer: str, question: str) -> list[dict]:
+    """The conversation for an MT-Bench follow-up: the target's answer, then the next question."""
+    return [
+        *messages,
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": question},
+    ]

@@ -12,6 +12,7 @@ import logging
 
 from speculators.errors import SpeculatorsError
 from speculators.evaluate import add_common_arguments
+from speculators.evaluate.prompts import follow_up, render_within
 from speculators.fileio import write_json
 
 log = logging.getLogger(__name__)
@@ -112,12 +113,8 @@ class Turns:
         self.has_followups = any(s.followups for s in specs)
 
     def _render(self, i: int) -> list[int]:
-        from speculators.evaluate.prompts import render_prompt
-
-        ids = render_prompt(self.tokenizer, self.messages[i])
-        if len(ids) > self.max_prompt:  # keep the end: it holds the generation prompt
-            self.truncated += 1
-            ids = ids[-self.max_prompt :]
+        ids, cut = render_within(self.tokenizer, self.messages[i], self.max_prompt)
+        self.truncated += cut
         return ids
 
     def first(self) -> list[list[int]]:
@@ -129,10 +126,8 @@ class Turns:
         for i, answer in zip(self.active, answers, strict=True):
             if self.turn <= len(self.specs[i].followups):
                 text = self.tokenizer.decode(answer, skip_special_tokens=True)
-                self.messages[i] += [
-                    {"role": "assistant", "content": text},
-                    {"role": "user", "content": self.specs[i].followups[self.turn - 1]},
-                ]
+                question = self.specs[i].followups[self.turn - 1]
+                self.messages[i] = follow_up(self.messages[i], text, question)
                 asked.append(i)
         self.active = asked
         return [self._render(i) for i in asked]

@@ -17,6 +17,7 @@ from speculators.fileio import atomic_path, read_json, write_json
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # of a sharded target
 
 # Checkpoint tensor names (what vLLM's Eagle3 Llama draft loads) -> the model's state_dict names.
 # They coincide today; if vLLM ever wants another name, change the left column only.
@@ -66,7 +67,7 @@ def checkpoint_names(config) -> dict[str, str]:
 # ---- target weights ------------------------------------------------------------------------------
 def _target_tensor_files(target: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file, from the index when sharded (no tensor data is read)."""
-    index = target / "model.safetensors.index.json"
+    index = target / INDEX_FILE
     if index.is_file():
         weight_map = read_json(index).get("weight_map") or {}
         return {name: target / fname for name, fname in weight_map.items()}
@@ -119,9 +120,13 @@ def _draft_tensor_names(files) -> tuple[str | None, str | None, str | None]:
     )
 
 
-def target_weight_shards(index_file: str | Path) -> list[str]:
-    """The shard files (names relative to the index) holding the tensors the draft copies."""
-    weight_map = read_json(index_file).get("weight_map") or {}
+def target_weight_shards(target: str | Path) -> list[str]:
+    """The safetensors files (names in the target folder) holding the tensors the draft copies:
+    from the index of a sharded target (only its JSON files needed), else the single file."""
+    index = Path(target) / INDEX_FILE
+    if not index.is_file():
+        return ["model.safetensors"]
+    weight_map = read_json(index).get("weight_map") or {}
     return sorted({weight_map[n] for n in _draft_tensor_names(weight_map) if n})
 
 

@@ -123,8 +123,7 @@ def resolve_target(target: str) -> Path:
         from huggingface_hub import snapshot_download
 
         folder = Path(snapshot_download(target, allow_patterns=["*.json"]))
-        index = folder / "model.safetensors.index.json"
-        shards = target_weight_shards(index) if index.is_file() else ["model.safetensors"]
+        shards = target_weight_shards(folder)
         return Path(snapshot_download(target, allow_patterns=["*.json", *shards]))
     except SpeculatorsError:
         raise
@@ -139,13 +138,12 @@ def input_file_stamps(target: Path, folders) -> list:
     never resume (or publish) a checkpoint trained on the old ones; a resume after preemption
     sees the same stamps. Names are relative and symlinks (Hugging Face snapshots) are followed
     to their blobs, so a new snapshot revision with the same files stamps the same."""
-    from speculators.models.io import target_weight_shards
+    from speculators.models.io import INDEX_FILE, target_weight_shards
 
     files = [(f"data[{i}]/data_config.json", Path(f) / "data_config.json")
              for i, f in enumerate(folders)]  # fmt: skip
-    index = target / "model.safetensors.index.json"
-    shards = target_weight_shards(index) if index.is_file() else ["model.safetensors"]
-    files += [(f"target/{name}", target / name) for name in ("config.json", index.name, *shards)]
+    names = ("config.json", INDEX_FILE, *target_weight_shards(target))
+    files += [(f"target/{name}", target / name) for name in names]
     stamps = []
     for name, f in files:
         with contextlib.suppress(OSError):
@@ -331,10 +329,7 @@ def train(args: argparse.Namespace, env: distributed.DistEnv) -> None:
     model = distributed.parallelize(model, env)
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
     scheduler = build_scheduler(optimizer, total_steps, args.warmup_fraction, args.scheduler)
-    # Rank 0's view: ranks on other nodes may see other mtimes, and every rank must take the
-    # same resume decision (or their collectives no longer match).
-    fp = distributed.broadcast_object(fingerprint(args, target, data, d2t, t2d), env)
-    ckpt = Checkpointer(args.work_dir, env, fp)
+    ckpt = Checkpointer(args.work_dir, env, fingerprint(args, target, data, d2t, t2d))
     progress = ckpt.load(model, optimizer, scheduler)
     progress = progress or {
         "epoch": 0, "step_in_epoch": 0, "global_step": 0, "skipped_steps": 0,
