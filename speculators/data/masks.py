@@ -83,9 +83,9 @@ class Masker:
             self.mode == GENERATION_MARKERS and self.boundary_rows(_PROBE).per_turn
         )
 
-    def render(self, messages: list[dict], generation_prompt: bool) -> list[int]:
+    def render(self, messages: list[dict], generation_prompt: bool, tools=None) -> list[int]:
         text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
+            messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
         )
         # The template writes BOS itself; vLLM also tokenises chat renders without extras.
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -98,37 +98,45 @@ class Masker:
                 return k + 1
         return end
 
-    def rows(self, conversation: list[dict]) -> Result:
+    def rows(self, conversation: list[dict], tools: list[dict] | None = None) -> Result:
+        """Rows of one conversation (messages as `sources.parse_row` gives them: reasoning,
+        tool calls and tool results included; `tools` = the row's tool definitions, passed to
+        the template). Only assistant turns are supervised: their text, reasoning and
+        tool-call tokens as the template renders them, up to the end-of-turn id."""
         last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
         # Turns after the last answer carry no loss: leave them out of the row.
         conversation = conversation[: last + 1]
         try:
             if self.mode == GENERATION_MARKERS and not self.markers_per_turn:
-                return self.marker_rows(conversation)
-            return self.boundary_rows(conversation)
+                return self.marker_rows(conversation, tools)
+            return self.boundary_rows(conversation, tools)
         except SpeculatorsError:
             raise
         except Exception:  # jinja raise_exception, role-order checks of strict templates
             return Result(dropped=Counter(template_error=1))
 
-    def marker_rows(self, conversation: list[dict]) -> Result:
+    def marker_rows(self, conversation: list[dict], tools=None) -> Result:
         enc = self.tokenizer.apply_chat_template(
-            conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            conversation,
+            tools=tools,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
         )
         return self._finish([(list(enc["input_ids"]), list(enc["assistant_masks"]), -1)], False)
 
-    def boundary_rows(self, conversation: list[dict]) -> Result:
+    def boundary_rows(self, conversation: list[dict], tools=None) -> Result:
         dropped = Counter()
         spans = []  # (turn, start, end, tokens of conv[:j+1])
         chained = True  # every render is a token prefix of the next one
         previous: list[int] = []
         turns = [j for j, m in enumerate(conversation) if m["role"] == "assistant"]
         for turn, j in enumerate(turns):
-            prompt = self.render(conversation[:j], True)
+            prompt = self.render(conversation[:j], True, tools)
             if len(prompt) >= self.seq_length:
                 dropped["turn_beyond_seq_length"] += len(turns) - turn
                 break
-            full = self.render(conversation[: j + 1], False)
+            full = self.render(conversation[: j + 1], False, tools)
             if full[: len(prompt)] != prompt:
                 dropped["turn_prefix_mismatch"] += 1
                 chained = False

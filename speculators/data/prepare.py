@@ -57,8 +57,33 @@ def _masker(target: str, seq_length: int) -> masks.Masker:
     return masks.Masker(tokenizer, seq_length, masks.end_of_turn_ids(tokenizer, target), target)
 
 
+@functools.lru_cache(maxsize=4)
+def vocab_size(target: str) -> int:
+    """Rows the target's embedding has (config `vocab_size`); the tokenizer's length when the
+    target folder holds only a tokenizer."""
+    from speculators.targets import target_dims
+
+    try:
+        return target_dims(target, ("vocab_size",))["vocab_size"]
+    except SpeculatorsError:
+        return len(load_tokenizer(target))
+
+
+def _pretokenized_row(item: dict, target: str, seq_length: int) -> tuple[list, list, str]:
+    """(input_ids, loss_mask, "") of a pretokenised row, unchanged but cut to seq_length, or
+    ([], [], why it is dropped)."""
+    ids, mask = item["input_ids"], item["loss_mask"]
+    if max(ids) >= vocab_size(target):
+        return [], [], "pretokenized_token_out_of_vocab"
+    ids, mask = ids[:seq_length], mask[:seq_length]
+    if not any(mask):
+        return [], [], "no_supervised_tokens"
+    return ids, mask, ""
+
+
 def tokenise_batch(batch, target: str, seq_length: int, min_supervised_tokens: int) -> dict:
-    """datasets.map function: conversations -> rows, plus one bookkeeping row per drop reason."""
+    """datasets.map function: rows (JSON: a conversation with optional tools, or a pretokenised
+    row) -> rows with loss masks, plus one bookkeeping row per drop reason."""
     masker = _masker(target, seq_length)
     out = {name: [] for name in _features()}
 
@@ -71,8 +96,14 @@ def tokenise_batch(batch, target: str, seq_length: int, min_supervised_tokens: i
         out["dropped"].append(dropped)
         out["dropped_count"].append(count)
 
-    for rid, conversation in zip(batch["row_id"], batch["conversations"]):
-        result = masker.rows(conversation)
+    for rid, payload in zip(batch["row_id"], batch["payload"]):
+        item = json.loads(payload)
+        if "input_ids" in item:
+            ids, mask, why = _pretokenized_row(item, target, seq_length)
+            rows = [masks.Row(ids, mask, -1)] if not why else []
+            result = masks.Result(rows=rows, dropped=Counter({why: 1} if why else {}))
+        else:
+            result = masker.rows(item["conversations"], item.get("tools"))
         for row in result.rows:
             if sum(row.loss_mask) < min_supervised_tokens:
                 result.dropped["too_few_supervised_tokens"] += 1
@@ -98,9 +129,11 @@ def token_frequencies(dataset) -> dict[int, int]:
 
 def read_selection(args) -> sources.Selection:
     rows = sources.load_rows(args.source, args.split)
-    selection = sources.presplit(rows, args.source)
+    selection = sources.presplit(rows, args.source, pretokenized=True)
     if selection is None:
-        selection = sources.select(rows, args.seed, args.eval_prompts, args.max_samples)
+        selection = sources.select(
+            rows, args.seed, args.eval_prompts, args.max_samples, pretokenized=True
+        )
     if not selection.train:
         raise SpeculatorsError(
             args.source, f"no usable training conversation (skipped: {dict(selection.dropped)})"
@@ -113,8 +146,14 @@ def tokenise(selection: sources.Selection, args):
     import datasets
 
     _masker(args.target, args.seq_length)  # fail early (no chat template) in this process
+    # Rows travel as JSON text: Arrow would merge the key sets of all messages and tool-call
+    # arguments (absent keys become None, which templates render) and cannot hold a lone
+    # surrogate. The payload is the selection item without its id.
     table = datasets.Dataset.from_list(
-        [{"row_id": r["id"], "conversations": r["conversations"]} for r in selection.train]
+        [
+            {"row_id": r["id"], "payload": json.dumps({k: v for k, v in r.items() if k != "id"})}
+            for r in selection.train
+        ]
     )
     mapped = table.map(
         tokenise_batch,
@@ -145,7 +184,7 @@ def tokenise(selection: sources.Selection, args):
 def _write_eval_prompts(path: Path, rows: list[dict]) -> None:
     with open(path, "w") as f:
         for row in rows:
-            f.write(json.dumps({"id": row["id"], "conversations": row["conversations"]}) + "\n")
+            f.write(json.dumps(row) + "\n")
 
 
 def run_prepare(args) -> None:
