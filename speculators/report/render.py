@@ -208,13 +208,27 @@ def data_section(inputs: RunInputs) -> Section:
             ["dataset", *keys],
             [[name, *(st.get(k) for k in keys)] for name, st in inputs.prepared.items()],
         )
+        # Rows skipped while reading (selection), then while tokenising; turns left out.
         drops = [
-            [n, k, v]
+            [n, stage, k, v]
             for n, st in inputs.prepared.items()
-            for k, v in (st.get("dropped") or {}).items()
+            for stage, counts in (
+                ("read", (st.get("selection") or {}).get("dropped")),
+                ("tokenise", st.get("dropped")),
+                ("tokenise (turns)", st.get("turns_skipped")),
+            )
+            for k, v in (counts or {}).items()
         ]
         if drops:
-            s.table(["dataset", "dropped because", "rows"], drops)
+            s.table(["dataset", "stage", "skipped because", "count"], drops)
+        repairs = [
+            [n, k, v]
+            for n, st in inputs.prepared.items()
+            for k, v in ((st.get("selection") or {}).get("normalised") or {}).items()
+        ]
+        if repairs:
+            s.text("Kept rows repaired by the structure policy (docs/architecture.md):")
+            s.table(["dataset", "repair", "count"], repairs)
     _notes(s, inputs, "data")
     if inputs.data_configs:
         rows = []
