@@ -400,18 +400,27 @@ def test_gpt_oss_thinking_is_rendered_and_supervised_in_the_answer_row(real):
     ]  # fmt: skip
 
 
-def test_gpt_oss_tool_call_is_supervised_up_to_call(real):
+def test_gpt_oss_tool_call_and_final_answer_rows(real):
     m = real["openai-gpt-oss-120b"]
     result = real_rows(m, TOOL_ROW)
-    first = result.rows[0]
-    assert first.turn == 0
+    assert not result.dropped and [r.turn for r in result.rows] == [0, 1]
+    first, second = result.rows
     assert supervised_spans(m.tokenizer, first) == [
         "<|channel|>analysis<|message|>Need the tool.<|end|><|start|>assistant to=functions."
         'get_weather<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>'
     ]
-    # The final answer after a tool result: gpt-oss drops the tool call's analysis once a final
-    # answer follows, so no render of the history is a prefix of the answer's render (counted).
-    assert result.dropped == {"turn_prefix_mismatch": 1}
+    # gpt-oss drops a tool call's analysis once a final answer follows, so no render of the
+    # history is a prefix of the answer's render: the row is the prompt as served (analysis
+    # kept, as the template renders it for inference) + the answer as rendered last.
+    conv = sources.parse_row(TOOL_ROW)["conversations"]
+    prompt = m.render(conv[:4], True, TOOLS)
+    assert second.input_ids[: len(prompt)] == prompt
+    assert "Need the tool." in m.tokenizer.decode(prompt)
+    assert supervised_spans(m.tokenizer, second) == [
+        "<|channel|>analysis<|message|>Tool says sunny.<|end|><|start|>assistant<|channel|>"
+        "final<|message|>It is sunny.<|return|>"
+    ]
+    assert sum(second.loss_mask) == len(second.input_ids) - len(prompt)
 
 
 # --- special-token look-alikes ---------------------------------------------------------------

@@ -138,9 +138,15 @@ class Masker:
                 break
             full = self.render(conversation[: j + 1], False, tools)
             if full[: len(prompt)] != prompt:
-                dropped["turn_prefix_mismatch"] += 1
+                # The template renders the history differently once this answer follows it
+                # (gpt-oss drops a tool call's analysis after a final answer): the row is the
+                # prompt as served plus the answer as the template renders it last.
+                answer = self._answer_tokens(full, prompt, conversation[:j], tools)
                 chained = False
-                continue
+                if answer is None:
+                    dropped["turn_prefix_mismatch"] += 1
+                    continue
+                full = prompt + answer
             if prompt[: len(previous)] != previous:
                 chained = False
             spans.append((turn, len(prompt), self._span_end(full, len(prompt), len(full)), full))
@@ -159,6 +165,30 @@ class Masker:
             result = self._finish(candidates, True)
         result.dropped.update(dropped)
         return result
+
+    def _answer_tokens(self, full, prompt, history, tools, min_match: int = 8):
+        """The answer's tokens in `full` (the render ending with it): they follow the
+        generation prompt at the position whose preceding tokens best match the end of the
+        history's own render (at least `min_match` tokens, or the whole history); None when no
+        position qualifies."""
+        history_ids = self.render(history, False, tools)
+        if prompt[: len(history_ids)] != history_ids:
+            return None
+        gen = prompt[len(history_ids) :]
+        best, best_match = None, min(min_match, len(history_ids))
+        for s in range(len(full) - len(gen), 0, -1):
+            if full[s : s + len(gen)] != gen:
+                continue
+            match = 0
+            while match < min(s, len(history_ids)) and (
+                full[s - 1 - match] == history_ids[-1 - match]
+            ):
+                match += 1
+            if match >= best_match and (best is None or match > best[1]):
+                best = (s, match)
+        if best is None or best[0] + len(gen) >= len(full):
+            return None
+        return full[best[0] + len(gen) :]
 
     def _finish(self, candidates, per_turn: bool) -> Result:
         """Truncate to seq_length and end each row at its last supervised token (what follows
