@@ -239,7 +239,9 @@ def test_tool_calls_are_normalised_as_vllm_renders_them():
                 {
                     "role": "assistant",
                     "content": None,
-                    "tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": '{"x": 1}'}}],
+                    "tool_calls": [
+                        {"id": "c1", "function": {"name": "f", "arguments": '{"x": 1}'}}
+                    ],
                 },
                 {"role": "tool", "tool_call_id": "c1", "content": "2"},
                 {"role": "assistant", "content": "It is 2."},
@@ -347,17 +349,21 @@ def test_qwen3_tool_calls_and_reasoning_are_supervised_tool_results_are_not(real
     assert "<tool_response>\nSunny, 21 C\n</tool_response>" in text  # present, not supervised
 
 
-def test_qwen3_reasoning_of_earlier_turns_gets_per_turn_rows(real):
-    m = real["Qwen-Qwen3-0.6B"]
-    row = {
+def two_sums(reasoning_key: str) -> dict:
+    """Two questions, each answer with its reasoning under `reasoning_key`."""
+    return {
         "conversations": [
             {"role": "user", "content": "2+2?"},
-            {"role": "assistant", "content": "4", "reasoning_content": "Add."},
+            {"role": "assistant", "content": "4", reasoning_key: "Add."},
             {"role": "user", "content": "3+3?"},
-            {"role": "assistant", "content": "6", "reasoning_content": "Add again."},
+            {"role": "assistant", "content": "6", reasoning_key: "Add again."},
         ]
     }
-    result = real_rows(m, row)
+
+
+def test_qwen3_reasoning_of_earlier_turns_gets_per_turn_rows(real):
+    m = real["Qwen-Qwen3-0.6B"]
+    result = real_rows(m, two_sums("reasoning_content"))
     assert result.per_turn and [r.turn for r in result.rows] == [0, 1]
     assert [supervised_spans(m.tokenizer, r) for r in result.rows] == [
         ["<think>\nAdd.\n</think>\n\n4<|im_end|>"],
@@ -382,15 +388,7 @@ def test_llama31_tool_call_json_is_supervised_ipython_result_is_not(real):
 
 def test_gpt_oss_thinking_is_rendered_and_supervised_in_the_answer_row(real):
     m = real["openai-gpt-oss-120b"]
-    row = {
-        "conversations": [
-            {"role": "user", "content": "2+2?"},
-            {"role": "assistant", "content": "4", "thinking": "Add."},
-            {"role": "user", "content": "3+3?"},
-            {"role": "assistant", "content": "6", "thinking": "Add again."},
-        ]
-    }
-    result = real_rows(m, row)
+    result = real_rows(m, two_sums("thinking"))
     assert result.per_turn and [r.turn for r in result.rows] == [0, 1]
     assert [supervised_spans(m.tokenizer, r) for r in result.rows] == [
         ["<|channel|>analysis<|message|>Add.<|end|><|start|>assistant<|channel|>final"

@@ -263,9 +263,13 @@ def _text(value, reason: str = "non_string_content") -> str:
     (as vLLM joins them)."""
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and value and all(
-        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-        for p in value
+    if (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            for p in value
+        )
     ):
         return "\n".join(p["text"] for p in value)
     raise _Skip(reason)
