@@ -221,13 +221,19 @@ def test_top_level_system_field_becomes_the_first_message():
     assert item["conversations"][0] == {"role": "system", "content": "Pirate.\n\nBrief."}
 
 
-def test_reasoning_fields_reach_the_template_under_both_names():
+def test_reasoning_fields_reach_the_template_under_every_name():
     for key in ("reasoning_content", "thinking", "reasoning"):
         item, _ = parse(
             {"conversations": [HELLO[0], {"role": "assistant", "content": "4", key: "2+2"}]}
         )
         answer = item["conversations"][1]
-        assert answer["reasoning_content"] == answer["thinking"] == "2+2"
+        assert answer == {
+            "role": "assistant",
+            "content": "4",
+            "reasoning_content": "2+2",
+            "reasoning": "2+2",
+            "thinking": "2+2",
+        }
 
 
 def test_tool_calls_are_normalised_as_vllm_renders_them():

@@ -51,6 +51,9 @@ ROLES = {
 _ROLE_KEYS = ("role", "from")
 _CONTENT_KEYS = ("content", "value")
 _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+# An answer's reasoning reaches the template under all of these: Qwen3/DeepSeek templates read
+# `reasoning_content`, newer ones `reasoning` (vLLM passes both), gpt-oss's `thinking`.
+REASONING_NAMES = ("reasoning_content", "reasoning", "thinking")
 MERGE_SEPARATOR = "\n\n"
 SPLITS = ("train", "eval")
 _BOMS = {
@@ -320,8 +323,9 @@ def _message(m) -> dict:
     reasoning = _field(m, *_REASONING_KEYS)
     if reasoning is not None and role == "assistant":
         reasoning = _text(reasoning, "non_string_reasoning")
-        if reasoning.strip():  # both names: Qwen3/DeepSeek read one, gpt-oss the other
-            out["reasoning_content"] = out["thinking"] = reasoning
+        if reasoning.strip():  # every name a template reads (vLLM passes the first two)
+            for key in REASONING_NAMES:
+                out[key] = reasoning
     if not out["content"].strip() and "tool_calls" not in out and "reasoning_content" not in out:
         raise _Skip("empty_content")
     return out
@@ -332,7 +336,7 @@ def _merge(a: dict, b: dict) -> dict:
     concatenated, other keys from the later message."""
     out = {**a, **b}
     out["content"] = MERGE_SEPARATOR.join(x for x in (a["content"], b["content"]) if x)
-    for key in ("reasoning_content", "thinking"):
+    for key in REASONING_NAMES:
         parts = [m[key] for m in (a, b) if m.get(key)]
         if parts:
             out[key] = MERGE_SEPARATOR.join(parts)
