@@ -95,6 +95,17 @@ def test_lone_surrogate_row_is_skipped_counted_and_its_line_named(
     assert f"{src} line 2" in caplog.text and "unencodable_text" in caplog.text
 
 
+def test_json_array_with_bom_and_a_lone_surrogate_names_the_row(tmp_path, caplog):
+    rows = [{"id": "a", "conversations": HELLO}, {"id": "\udc00", "conversations": HELLO}]
+    path = lines(tmp_path / "a.json", b"\xef\xbb\xbf" + json.dumps(rows).encode())
+    loaded = sources.load_rows(str(path))
+    with caplog.at_level(logging.WARNING):
+        sel = sources.select(loaded, seed=0, eval_prompts=0)
+    assert [r["id"] for r in sel.train] == ["a"]
+    assert sel.dropped == {"unencodable_text": 1}
+    assert f"{path} row 2" in caplog.text
+
+
 def parquet(path, table: pa.Table) -> Path:
     pq.write_table(table, path)
     return path

@@ -410,7 +410,7 @@ def parse_row(row, normalised: Counter | None = None) -> dict:
     if tools:
         item["tools"] = tools
     try:  # a lone surrogate (JSON "\ud83d") is valid JSON but no UTF-8 text
-        json.dumps(item, ensure_ascii=False).encode("utf-8")
+        json.dumps([item, row.get("id"), row.get("prompt_id")], ensure_ascii=False).encode()
     except UnicodeEncodeError:
         raise _Skip("unencodable_text") from None
     return item
