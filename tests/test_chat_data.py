@@ -4,6 +4,7 @@ tool calls, reasoning and special-token look-alikes, on tiny fixtures and real t
 
 import json
 import logging
+import string
 from pathlib import Path
 
 import datasets
@@ -11,6 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fixtures import build_tokenizer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_masks import supervised_spans
 from test_prepare import run_prepare, write_jsonl
 
@@ -535,3 +538,62 @@ def test_a_file_with_every_kind_gives_exact_counts(tiny_tokenizer_dir, tmp_path)
     shown = json.dumps(data_section(inputs).__dict__, default=str)
     for reason in [*stats["selection"]["dropped"], *stats["dropped"], "top_level_system"]:
         assert reason in shown
+
+
+def test_a_history_that_changes_with_the_generation_prompt_is_counted_not_guessed(tmp_path):
+    """When not even the history's own render starts the served prompt, no answer position can
+    be trusted: the turn is dropped as turn_prefix_mismatch."""
+    from transformers import AutoTokenizer
+
+    template = (
+        "{% if add_generation_prompt %}Answer briefly.\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    build_tokenizer(tmp_path, chat_template=template)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    result = masks.Masker(tok, 4096, masks.end_of_turn_ids(tok)).rows(HELLO)
+    assert result.rows == [] and result.dropped == {"turn_prefix_mismatch": 1}
+
+
+# Property test on the published templates: user, system and tool-result text uses capitals and
+# digits, answers, reasoning and tool calls only lower case, so a supervised capital or digit
+# would be a token of a turn the draft never generates.
+LOWER = st.text(string.ascii_lowercase + " ,.", min_size=1, max_size=20).filter(str.strip)
+UPPER = st.text(string.ascii_uppercase + string.digits + " ,.", min_size=1, max_size=20).filter(
+    str.strip
+)
+
+
+@st.composite
+def tool_conversations(draw):
+    conv = [{"role": "system", "content": draw(UPPER)}] if draw(st.booleans()) else []
+    for _ in range(draw(st.integers(1, 3))):
+        conv.append({"role": "user", "content": draw(UPPER)})
+        if draw(st.booleans()):
+            call = {"function": {"name": "get_weather", "arguments": {"city": draw(LOWER)}}}
+            conv.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            conv.append({"role": "tool", "content": draw(UPPER)})
+        answer = {"role": "assistant", "content": draw(LOWER)}
+        if draw(st.booleans()):
+            answer["reasoning_content"] = draw(LOWER)
+        conv.append(answer)
+    return {"tools": TOOLS, "conversations": conv}
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(row=tool_conversations(), name=st.sampled_from(sorted(REAL)))
+def test_tool_results_user_and_system_tokens_are_never_supervised(real, row, name):
+    m = real[name]
+    result = real_rows(m, row)
+    answers = sum(msg["role"] == "assistant" for msg in row["conversations"])
+    assert result.rows and not result.dropped
+    for r in result.rows:
+        for token, flag in zip(r.input_ids, r.loss_mask):
+            if flag:
+                piece = m.tokenizer.decode([token])
+                assert not any(c.isupper() or c.isdigit() for c in piece), (piece, name)
+    # Every answer is supervised exactly once: in the shared row or in its own row.
+    assert [r.turn for r in result.rows] in ([-1], list(range(answers)))
