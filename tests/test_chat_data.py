@@ -484,6 +484,17 @@ def test_pretokenized_rows_pass_through_unchanged(tiny_tokenizer_dir, tmp_path):
     assert stats["selection"]["pretokenized"] == 2 and stats["eval_prompts"] == 0
 
 
+def test_pretokenized_rows_need_no_chat_template(tmp_path):
+    target = tmp_path / "plain-tok"
+    build_tokenizer(target, chat_template=None)
+    (target / "chat_template.jinja").unlink(missing_ok=True)
+    src = write_jsonl(tmp_path / "p.jsonl", [{"input_ids": [5, 6], "loss_mask": [0, 1]}])
+    out = tmp_path / "prepared"
+    assert run_prepare(target, src, out) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["template_mode"] == "pretokenized" and stats["rows_out"] == 1
+
+
 def test_a_file_with_every_kind_gives_exact_counts(tiny_tokenizer_dir, tmp_path):
     chat = {"id": "chat", "conversations": HELLO}
     good = [

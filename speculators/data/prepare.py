@@ -22,6 +22,7 @@ from speculators.fileio import atomic_path, torch_save
 log = logging.getLogger(__name__)
 
 COLUMNS = ("input_ids", "loss_mask", "seq_len", "row_id", "turn")
+PRETOKENIZED = "pretokenized"  # template_mode when every training row came tokenised
 
 
 def _features():
@@ -84,7 +85,6 @@ def _pretokenized_row(item: dict, target: str, seq_length: int) -> tuple[list, l
 def tokenise_batch(batch, target: str, seq_length: int, min_supervised_tokens: int) -> dict:
     """datasets.map function: rows (JSON: a conversation with optional tools, or a pretokenised
     row) -> rows with loss masks, plus one bookkeeping row per drop reason."""
-    masker = _masker(target, seq_length)
     out = {name: [] for name in _features()}
 
     def emit(ids, mask, rid, turn, dropped="", count=0):
@@ -103,7 +103,7 @@ def tokenise_batch(batch, target: str, seq_length: int, min_supervised_tokens: i
             rows = [masks.Row(ids, mask, -1)] if not why else []
             result = masks.Result(rows=rows, dropped=Counter({why: 1} if why else {}))
         else:
-            result = masker.rows(item["conversations"], item.get("tools"))
+            result = _masker(target, seq_length).rows(item["conversations"], item.get("tools"))
         for row in result.rows:
             if sum(row.loss_mask) < min_supervised_tokens:
                 result.dropped["too_few_supervised_tokens"] += 1
@@ -127,6 +127,10 @@ def token_frequencies(dataset) -> dict[int, int]:
     return {int(k): int(v) for k, v in sorted(counts.items())}
 
 
+def _has_chats(selection: sources.Selection) -> bool:
+    return any("conversations" in r for r in selection.train)
+
+
 def read_selection(args) -> sources.Selection:
     rows = sources.load_rows(args.source, args.split)
     selection = sources.presplit(rows, args.source, pretokenized=True)
@@ -145,7 +149,8 @@ def tokenise(selection: sources.Selection, args):
     """The kept rows (Arrow dataset with COLUMNS) and the drop counts by reason."""
     import datasets
 
-    _masker(args.target, args.seq_length)  # fail early (no chat template) in this process
+    if _has_chats(selection):  # fail early (no chat template) in this process
+        _masker(args.target, args.seq_length)
     # Rows travel as JSON text: Arrow would merge the key sets of all messages and tool-call
     # arguments (absent keys become None, which templates render) and cannot hold a lone
     # surrogate. The payload is the selection item without its id.
@@ -190,8 +195,11 @@ def _write_eval_prompts(path: Path, rows: list[dict]) -> None:
 def run_prepare(args) -> None:
     started = time.time()
     selection = read_selection(args)
-    masker = _masker(args.target, args.seq_length)
-    log.info("template mode: %s", masker.mode)
+    # Only chat rows need the chat template; pretokenised rows need just the tokenizer.
+    masker = _masker(args.target, args.seq_length) if _has_chats(selection) else None
+    tokenizer = masker.tokenizer if masker else load_tokenizer(args.target)
+    mode = masker.mode if masker else PRETOKENIZED
+    log.info("template mode: %s", mode)
     dataset, dropped = tokenise(selection, args)
     if len(dataset) == 0:
         raise SpeculatorsError(
@@ -202,7 +210,7 @@ def run_prepare(args) -> None:
         "first prepared row of %s (row_id %s, supervised tokens in ⟦ ⟧):\n%s",
         args.dataset_name,
         first["row_id"],
-        masks.show_row(masker.tokenizer, first["input_ids"], first["loss_mask"]),
+        masks.show_row(tokenizer, first["input_ids"], first["loss_mask"]),
     )
     freq = token_frequencies(dataset)
     lengths = np.asarray(dataset["seq_len"])
@@ -224,13 +232,13 @@ def run_prepare(args) -> None:
         "mean_length": float(lengths.mean()),
         "max_length": int(lengths.max()),
         "seq_length": args.seq_length,
-        "template_mode": masker.mode,
+        "template_mode": mode,
         "per_turn_rows": {
             "used": bool(per_turn_ids),
             "conversations": len(per_turn_ids),
             "reason": masks.PER_TURN_REASON if per_turn_ids else None,
         },
-        "end_of_turn_ids": sorted(masker.eos_ids),
+        "end_of_turn_ids": sorted(masker.eos_ids) if masker else [],
         "eval_prompts": len(selection.eval),
         "seconds": round(time.time() - started, 2),
     }
