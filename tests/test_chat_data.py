@@ -195,7 +195,7 @@ def test_leading_assistant_turns_are_removed_and_counted():
     )
     assert item["conversations"] == [{"role": "system", "content": "Be kind."}, *HELLO]
     assert normalised == {"leading_assistant_removed": 1}
-    with pytest.raises(sources._Skip) as skip:
+    with pytest.raises(sources.SkippedRow) as skip:
         parse({"conversations": [{"role": "assistant", "content": "Only me."}]})
     assert skip.value.reason == "no_assistant_turn"
 

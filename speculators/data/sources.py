@@ -256,8 +256,11 @@ def _field(message: dict, *keys):
     return None
 
 
-class _Skip(Exception):
+class SkippedRow(Exception):
+    """A row that cannot be used; `reason` is its key in `stats.json` `selection.dropped`."""
+
     def __init__(self, reason: str):
+        super().__init__(reason)
         self.reason = reason
 
 
@@ -275,14 +278,14 @@ def _text(value, reason: str = "non_string_content") -> str:
         )
     ):
         return "\n".join(p["text"] for p in value)
-    raise _Skip(reason)
+    raise SkippedRow(reason)
 
 
 def _tool_call(call) -> dict:
     """{"type": "function", "function": {"name", "arguments": dict}} (+ "id"); arguments given
     as a JSON string are parsed, as vLLM does before rendering."""
     if not isinstance(call, dict):
-        raise _Skip("bad_tool_call")
+        raise SkippedRow("bad_tool_call")
     function = call.get("function") if isinstance(call.get("function"), dict) else call
     name, arguments = function.get("name"), function.get("arguments")
     if arguments is None:
@@ -291,9 +294,9 @@ def _tool_call(call) -> dict:
         try:
             arguments = json.loads(arguments) if arguments.strip() else {}
         except json.JSONDecodeError:
-            raise _Skip("bad_tool_call") from None
+            raise SkippedRow("bad_tool_call") from None
     if not isinstance(name, str) or not name.strip() or not isinstance(arguments, dict):
-        raise _Skip("bad_tool_call")
+        raise SkippedRow("bad_tool_call")
     out = {"type": "function", "function": {"name": name, "arguments": arguments}}
     if isinstance(call.get("id"), str):
         out["id"] = call["id"]
@@ -302,11 +305,11 @@ def _tool_call(call) -> dict:
 
 def _message(m) -> dict:
     if not isinstance(m, dict):
-        raise _Skip("bad_message")
+        raise SkippedRow("bad_message")
     role = _field(m, *_ROLE_KEYS)
     role = ROLES.get(role.strip().lower()) if isinstance(role, str) else None
     if role is None:
-        raise _Skip("unknown_role")
+        raise SkippedRow("unknown_role")
     out = {
         k: v
         for k, v in m.items()
@@ -317,7 +320,7 @@ def _message(m) -> dict:
     calls = out.pop("tool_calls", None)
     if role == "assistant" and calls:
         if not isinstance(calls, list):
-            raise _Skip("bad_tool_call")
+            raise SkippedRow("bad_tool_call")
         out["tool_calls"] = [_tool_call(c) for c in calls]
     out["content"] = "" if content is None and "tool_calls" in out else _text(content)
     reasoning = _field(m, *_REASONING_KEYS)
@@ -327,7 +330,7 @@ def _message(m) -> dict:
             for key in REASONING_NAMES:
                 out[key] = reasoning
     if not out["content"].strip() and "tool_calls" not in out and "reasoning_content" not in out:
-        raise _Skip("empty_content")
+        raise SkippedRow("empty_content")
     return out
 
 
@@ -354,42 +357,42 @@ def _tools(row: dict):
         try:
             tools = json.loads(tools)
         except json.JSONDecodeError:
-            raise _Skip("bad_tools") from None
+            raise SkippedRow("bad_tools") from None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise _Skip("bad_tools")
+        raise SkippedRow("bad_tools")
     return tools or None
 
 
 def _pretokenized(row: dict) -> dict:
     ids, mask = row.get("input_ids"), row.get("loss_mask")
     if not isinstance(ids, list) or not isinstance(mask, list) or not ids:
-        raise _Skip("pretokenized_bad_columns")
+        raise SkippedRow("pretokenized_bad_columns")
     if len(ids) != len(mask):
-        raise _Skip("pretokenized_length_mismatch")
+        raise SkippedRow("pretokenized_length_mismatch")
     if not all(type(t) is int and t >= 0 for t in ids):
-        raise _Skip("pretokenized_bad_token")
+        raise SkippedRow("pretokenized_bad_token")
     if not all(type(m) is int and m in (0, 1) for m in mask):
-        raise _Skip("pretokenized_bad_mask")
+        raise SkippedRow("pretokenized_bad_mask")
     return {"input_ids": ids, "loss_mask": mask}
 
 
 def parse_row(row, normalised: Counter | None = None) -> dict:
     """One source row -> `{"conversations": [...], "tools"?}` or, for a row with `input_ids`
     and `loss_mask`, `{"input_ids", "loss_mask"}` (unchanged). Repairs are counted in
-    `normalised`. Raises `_Skip(reason)` for a row that cannot be used."""
+    `normalised`. Raises `SkippedRow(reason)` for a row that cannot be used."""
     normalised = Counter() if normalised is None else normalised
     if not isinstance(row, dict):
-        raise _Skip("not_an_object")
+        raise SkippedRow("not_an_object")
     if row.get("input_ids") is not None or row.get("loss_mask") is not None:
         return _pretokenized(row)
     messages = _field(row, "conversations", "messages")
     if not isinstance(messages, list) or not messages:
-        raise _Skip("no_conversation")
+        raise SkippedRow("no_conversation")
     raw = list(messages)
     system = row.get("system")
     if system is not None:
         if not isinstance(system, str):
-            raise _Skip("non_string_system")
+            raise SkippedRow("non_string_system")
         if system.strip():
             raw.insert(0, {"role": "system", "content": system})
             normalised["top_level_system"] += 1
@@ -404,7 +407,7 @@ def parse_row(row, normalised: Counter | None = None) -> dict:
         else:
             out.append(m)
     if not any(m["role"] == "assistant" for m in out):
-        raise _Skip("no_assistant_turn")
+        raise SkippedRow("no_assistant_turn")
     item = {"conversations": out}
     tools = _tools(row)
     if tools:
@@ -412,20 +415,8 @@ def parse_row(row, normalised: Counter | None = None) -> dict:
     try:  # a lone surrogate (JSON "\ud83d") is valid JSON but no UTF-8 text
         json.dumps([item, row.get("id"), row.get("prompt_id")], ensure_ascii=False).encode()
     except UnicodeEncodeError:
-        raise _Skip("unencodable_text") from None
+        raise SkippedRow("unencodable_text") from None
     return item
-
-
-def normalise(row) -> tuple[list[dict] | None, str | None]:
-    """(messages with roles user/assistant/system/tool, None) or (None, why the row is
-    skipped); pretokenised rows are `not_a_conversation` here."""
-    try:
-        item = parse_row(row)
-    except _Skip as skip:
-        return None, skip.reason
-    if "conversations" not in item:
-        return None, "not_a_conversation"
-    return item["conversations"], None
 
 
 def row_id(row, index: int) -> str:
@@ -436,7 +427,7 @@ def row_id(row, index: int) -> str:
     return str(index)
 
 
-class _Skipped:
+class _SkipLog:
     """Where skipped rows were, logged once per selection (first few of each reason)."""
 
     SHOWN = 5
@@ -461,14 +452,14 @@ class _Skipped:
             )
 
 
-def _item(row, index: int, sel: Selection, skipped: _Skipped, pretokenized: bool):
+def _item(row, index: int, sel: Selection, skipped: _SkipLog, pretokenized: bool):
     """The selection item of a row, or None after counting why it is skipped."""
     try:
         normalised = Counter()
         item = parse_row(row, normalised)
         if "input_ids" in item and not pretokenized:
-            raise _Skip("pretokenized_row")
-    except _Skip as skip:
+            raise SkippedRow("pretokenized_row")
+    except SkippedRow as skip:
         sel.dropped[skip.reason] += 1
         skipped.add(skip.reason, index)
         return None
@@ -489,7 +480,7 @@ def select(
     few rows. Pretokenised rows (only with `pretokenized`, else skipped as `pretokenized_row`)
     are never held out: they have no prompt to ask."""
     sel = Selection(source_rows=len(rows))
-    skipped = _Skipped(rows)
+    skipped = _SkipLog(rows)
     order = np.random.default_rng(seed).permutation(len(rows))
     for index in order:
         full = max_samples is not None and len(sel.train) >= max_samples
@@ -524,7 +515,7 @@ def presplit(rows: Sequence, where, pretokenized: bool = False) -> Selection | N
     if not len(rows) or not isinstance(rows[0], dict) or "split" not in rows[0]:
         return None
     sel = Selection(source_rows=len(rows), rows_examined=len(rows), presplit=True)
-    skipped = _Skipped(rows)
+    skipped = _SkipLog(rows)
     for index, row in enumerate(rows):
         split = row.get("split") if isinstance(row, dict) else None
         if split not in SPLITS:
