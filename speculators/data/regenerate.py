@@ -26,15 +26,14 @@ GenerateFn = Callable[[str, list, int, float, float, int], list]
 @functools.lru_cache(maxsize=1)
 def _load_target(target: str):
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from speculators.devices import compute_dtype
+    from speculators.devices import target_compute_dtype
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(target)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        stored = getattr(AutoConfig.from_pretrained(target), "dtype", None) or torch.float32
-        dtype = compute_dtype(device, stored)
+        dtype = target_compute_dtype(target, device)
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).to(device).eval()
     except Exception as e:
         raise SpeculatorsError(target, f"cannot load the target model ({e})") from None

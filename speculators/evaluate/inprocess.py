@@ -290,12 +290,9 @@ def _device(name: str) -> torch.device:
 
 def _dtype(name: str, device: torch.device, config) -> torch.dtype:
     if name == "auto":
-        # CPUs run fp32 matmuls faster than bf16 and match the baseline bit for bit.
-        return (
-            torch.float32
-            if device.type == "cpu"
-            else getattr(config, "dtype", None) or torch.bfloat16
-        )
+        from speculators.devices import compute_dtype
+
+        return compute_dtype(device, getattr(config, "dtype", None) or torch.float32)
     return getattr(torch, name)
 
 

@@ -12,6 +12,7 @@ import os
 import torch
 import vllm  # noqa: F401  (fails at import, so `regenerate` reports a missing vLLM clearly)
 
+from speculators.devices import dtype_name, target_compute_dtype
 from speculators.errors import SpeculatorsError
 
 
@@ -28,9 +29,8 @@ def engine(target: str):
     try:
         return LLM(
             model=target,
-            # bf16 on CPU is slower and visibly less exact (offline research §2.2); GPUs keep
-            # the checkpoint's dtype.
-            dtype="float32" if on_cpu() else "auto",
+            # The device's precision policy: fp32 on CPUs without native bf16.
+            dtype=dtype_name(target_compute_dtype(target)),
             enforce_eager=on_cpu(),
         )
     except (OSError, ValueError) as e:
