@@ -130,6 +130,16 @@ def cpu_summary() -> str:
     return f"{d['model']} ({flags}; {d['cpus']} CPUs; {bf16})"
 
 
+def describe(device="cpu") -> str:
+    """The device figures were measured on, for data_config.json, eval JSON and the report:
+    the GPU's name and count, or the CPU's model, flags and threads (`cpu_summary`)."""
+    import torch
+
+    if getattr(device, "type", device) == "cuda":
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    return f"{torch.get_num_threads()} threads on {cpu_summary()}"
+
+
 def _bf16_matmul_is_fast() -> bool:
     """Measure: a bf16 matmul at least as fast as fp32 (about 10 ms). Flags alone can lie: a
     library limited to AVX2 (ONEDNN_MAX_CPU_ISA, a VM that hides AMX state) emulates bf16 at a

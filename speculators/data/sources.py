@@ -159,7 +159,10 @@ def normalise(row) -> tuple[list[dict] | None, str | None]:
             return None, "non_string_content"
         if not content.strip():
             return None, "empty_content"
-        out.append({"role": role, "content": content})
+        message = {"role": role, "content": content}
+        if role == "assistant" and _field(m, "truncated") is True:
+            message["truncated"] = True  # a regenerated answer cut at max_new_tokens
+        out.append(message)
     if not any(m["role"] == "assistant" for m in out):
         return None, "no_assistant_turn"
     return out, None

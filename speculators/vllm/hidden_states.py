@@ -30,7 +30,9 @@ VLLM_CONNECTOR = "ExampleHiddenStatesConnector"  # vLLM's own, asynchronous (CUD
 CPU_CONNECTOR = "CpuHiddenStatesConnector"  # ours, speculators.vllm.connector
 
 
-def engine_kwargs(target: str, store: SampleStore, max_model_len: int, tensor_parallel_size: int) -> dict:
+def engine_kwargs(
+    target: str, store: SampleStore, max_model_len: int, tensor_parallel_size: int
+) -> dict:
     """LLM(...) arguments that make vLLM cache `store.layer_ids` and hand them to a connector."""
     on_cpu = not torch.cuda.is_available()
     transfer = {
