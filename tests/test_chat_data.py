@@ -204,10 +204,10 @@ def test_consecutive_messages_of_one_role_are_merged_tool_results_are_not():
     item, normalised = parse(
         {
             "conversations": [
-                {"role": "user", "content": "Hi"},
+                {"role": "user", "content": "Hi", "truncated": True},
                 {"role": "user", "content": "Anyone?"},
                 {"role": "assistant", "content": "Yes.", "truncated": True},
-                {"role": "assistant", "content": "Here."},
+                {"role": "assistant", "content": "Here.", "truncated": True},
                 {"role": "tool", "content": "r1"},
                 {"role": "tool", "content": "r2"},
                 {"role": "assistant", "content": "Done."},

@@ -103,17 +103,35 @@ class Masker:
         tool calls and tool results included; `tools` = the row's tool definitions, passed to
         the template). Only assistant turns are supervised: their text, reasoning and
         tool-call tokens as the template renders them, up to the end-of-turn id."""
-        last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
+        answers = [i for i, m in enumerate(conversation) if m["role"] == "assistant"]
+        # An answer cut at max_new_tokens ("truncated": true) is the last one trained on: what
+        # follows it was never a reply to what the target said.
+        cut = next((i for i in answers if conversation[i].get("truncated")), None)
+        last = answers[-1] if cut is None else cut
         # Turns after the last answer carry no loss: leave them out of the row.
         conversation = conversation[: last + 1]
         try:
             if self.mode == GENERATION_MARKERS and not self.markers_per_turn:
-                return self.marker_rows(conversation, tools)
-            return self.boundary_rows(conversation, tools)
+                result = self.marker_rows(conversation, tools)
+            else:
+                result = self.boundary_rows(conversation, tools)
         except SpeculatorsError:
             raise
         except Exception:  # jinja raise_exception, role-order checks of strict templates
             return Result(dropped=Counter(template_error=1))
+        if cut is not None:
+            last_turn = sum(m["role"] == "assistant" for m in conversation) - 1
+            for row in result.rows:
+                if row.turn in (-1, last_turn):
+                    self._unclose(row)
+        return result
+
+    def _unclose(self, row: Row) -> None:
+        """The template closes every answer with its end-of-turn token; a truncated answer was
+        never closed by the target, so that token (and anything after it) is not a target."""
+        while row.input_ids and row.input_ids[-1] in self.eos_ids:
+            row.input_ids.pop()
+            row.loss_mask.pop()
 
     def marker_rows(self, conversation: list[dict], tools=None) -> Result:
         enc = self.tokenizer.apply_chat_template(

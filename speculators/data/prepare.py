@@ -239,6 +239,10 @@ def run_prepare(args) -> None:
             "reason": masks.PER_TURN_REASON if per_turn_ids else None,
         },
         "end_of_turn_ids": sorted(masker.eos_ids) if masker else [],
+        # Answers cut at max_new_tokens by regeneration: kept, with no end-of-turn supervised.
+        "truncated_answers": sum(
+            bool(m.get("truncated")) for r in selection.train for m in r.get("conversations", [])
+        ),
         "eval_prompts": len(selection.eval),
         "seconds": round(time.time() - started, 2),
     }

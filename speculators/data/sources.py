@@ -316,6 +316,8 @@ def _message(m) -> dict:
         if v is not None and k not in _ROLE_KEYS + _CONTENT_KEYS + _REASONING_KEYS
     }
     out["role"] = role
+    if out.pop("truncated", None) is True and role == "assistant":
+        out["truncated"] = True  # a regenerated answer cut at max_new_tokens
     content = _field(m, *_CONTENT_KEYS)
     calls = out.pop("tool_calls", None)
     if role == "assistant" and calls:
@@ -336,8 +338,9 @@ def _message(m) -> dict:
 
 def _merge(a: dict, b: dict) -> dict:
     """Two consecutive messages of one role as one: texts joined by a blank line, tool calls
-    concatenated, other keys from the later message."""
-    out = {**a, **b}
+    concatenated, other keys from the later message (`truncated` only from it: the merged
+    answer ends where the later one ends)."""
+    out = {**{k: v for k, v in a.items() if k != "truncated"}, **b}
     out["content"] = MERGE_SEPARATOR.join(x for x in (a["content"], b["content"]) if x)
     for key in REASONING_NAMES:
         parts = [m[key] for m in (a, b) if m.get(key)]

@@ -11,6 +11,7 @@ import importlib.metadata
 import platform
 from pathlib import Path
 
+from speculators.devices import cpu_summary
 from speculators.fileio import write_json, write_text
 from speculators.report import plots
 from speculators.report.document import Section, to_html, to_markdown
@@ -160,6 +161,7 @@ def provenance_section(inputs: RunInputs) -> Section:
             "report machine",
             f"{platform.node()} ({platform.machine()}, Python {platform.python_version()})",
         ),
+        ("report machine CPU", cpu_summary()),
     ]
     s.table(["setting", "value"], [[k, v] for k, v in kv])
     if inputs.run_config:
@@ -202,7 +204,8 @@ def time_section(inputs: RunInputs) -> Section:
 def data_section(inputs: RunInputs) -> Section:
     s = Section("Data")
     keys = ["rows_in", "rows_out", "conversations_out", "tokens", "supervised_tokens", "mean_length",
-            "max_length", "seq_length", "eval_prompts", "template_mode"]  # fmt: skip
+            "max_length", "seq_length", "eval_prompts", "template_mode",
+            "truncated_answers"]  # fmt: skip
     if inputs.prepared:
         s.table(
             ["dataset", *keys],
