@@ -324,7 +324,7 @@ def _message(m) -> dict:
         if not isinstance(calls, list):
             raise SkippedRow("bad_tool_call")
         out["tool_calls"] = [_tool_call(c) for c in calls]
-    out["content"] = "" if content is None and "tool_calls" in out else _text(content)
+    out["content"] = "" if content is None else _text(content)  # None: a call, or empty
     reasoning = _field(m, *_REASONING_KEYS)
     if reasoning is not None and role == "assistant":
         reasoning = _text(reasoning, "non_string_reasoning")
