@@ -139,6 +139,19 @@ def test_parquet_names_a_missing_or_wrongly_typed_column(tiny_tokenizer_dir, tmp
         assert f"{src}: {message}" in err and len(err.splitlines()) == 1
 
 
+def test_hub_dataset_without_a_usable_column_is_named(
+    tiny_tokenizer_dir, tmp_path, monkeypatch, capsys
+):
+    def load_dataset(name, split=None, **kw):
+        return datasets.Dataset.from_list([{"conversations": "user: hi"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert run_prepare(tiny_tokenizer_dir, "someone/chats", tmp_path / "out") == 1
+    err = capsys.readouterr().err.strip()
+    assert "someone/chats (someone/chats split train): column 'conversations' has type" in err
+    assert len(err.splitlines()) == 1
+
+
 def test_parquet_conversations_with_merged_schemas_are_read(tiny_tokenizer_dir, tmp_path):
     """Arrow fills keys absent from one message with None: those are not message content."""
     rows = [
