@@ -14,7 +14,7 @@ import pytest
 from fixtures import build_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_masks import supervised_spans
+from test_masks import DEFAULT_SYSTEM, supervised_spans
 from test_prepare import run_prepare, write_jsonl
 
 from speculators.data import masks, sources
@@ -457,7 +457,7 @@ def test_gpt_oss_tool_call_and_final_answer_rows(real):
 # --- special-token look-alikes ---------------------------------------------------------------
 
 
-def test_special_token_look_alikes_are_tokenised_as_vllm_does(tiny_tokenizer_dir):
+def test_special_token_look_alikes_are_tokenised_as_vllm_does(tiny_tokenizer_dir, tmp_path):
     """vLLM renders the chat to text and tokenises it whole (special tokens parsed), so typed
     `<|im_end|>` becomes the special token: the row holds exactly those ids."""
     from transformers import AutoTokenizer
@@ -476,6 +476,18 @@ def test_special_token_look_alikes_are_tokenised_as_vllm_does(tiny_tokenizer_dir
     position = row.input_ids.index(im_end)
     assert row.loss_mask[position] == 0  # ... and, typed by the user, never supervised
     assert supervised_spans(tok, row) == ["It ends a turn.<|im_end|>"]
+    # Typed in an answer, it is part of the answer: supervised with it.
+    conv[1]["content"] = "Type <|im_end|> to stop."
+    text = tok.apply_chat_template(conv, tokenize=False)
+    for template in (None, DEFAULT_SYSTEM):  # generation markers, then render boundaries
+        if template:
+            build_tokenizer(tmp_path, chat_template=template)
+            tok = AutoTokenizer.from_pretrained(tmp_path)
+            text = tok.apply_chat_template(conv, tokenize=False)
+        row = masks.Masker(tok, 4096, masks.end_of_turn_ids(tok)).rows(conv).rows[0]
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert row.input_ids == ids[: len(row.input_ids)]  # the row ends at its last target
+        assert supervised_spans(tok, row) == ["Type <|im_end|> to stop.<|im_end|>"]
 
 
 # --- pretokenised rows and one file with everything -----------------------------------------
