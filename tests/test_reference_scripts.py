@@ -322,3 +322,39 @@ def test_datagen_extra_adds_tokenizer_backends_and_never_torch():
     transformers = next(r for r in datagen if r.name == "transformers")
     assert {"sentencepiece", "tiktoken"} <= transformers.extras and "jinja2" in names
     assert "main | test | datagen)" in (REPO / "scripts" / "install.sh").read_text()
+
+
+def test_cache_dir_and_vllm_backend_reach_the_stages(tmp_path, monkeypatch):
+    module = load_script("data_generation_offline")
+    seen = {}
+
+    def record(prog, commands):
+        seen.update(commands=commands, cache=os.environ.get("HF_DATASETS_CACHE"))
+        return 0
+
+    monkeypatch.setattr(module, "run_stages", record)
+    monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
+    base = ["--target-model-path", "t", "--train-data-path", "org/chats", "--output-dir", "o"]
+    assert module.main([*base, "--hf-cache-dir", str(tmp_path), "--backend", "vllm",
+                        "--tensor-parallel-size", "2", "--batch-size", "4"]) == 0  # fmt: skip
+    # `datasets` reads its cache folder from the environment when `prepare` imports it.
+    assert seen["cache"] == str(tmp_path.resolve())
+    prepare, capture, freq = seen["commands"]
+    assert prepare[prepare.index("--dataset-name") + 1] == "chats"
+    assert capture[capture.index("--backend") + 1] == "vllm"
+    assert capture[capture.index("--tensor-parallel-size") + 1] == "2"
+    assert capture[capture.index("--batch-tokens") + 1] == str(4 * 2048)
+    assert freq == ["combine-freq", "o/prepared/token_freq.pt", "--output", "./token_freq.pt"]
+    # Tensor parallelism is a vLLM setting: asked of the transformers backend, one line.
+    with pytest.raises(SystemExit) as exit_:
+        module.main([*base, "--tensor-parallel-size", "2"])
+    assert exit_.value.code == 2
+
+
+def test_vocab_size_smaller_than_the_draft_is_one_line_error(generated, tmp_path):
+    proc = script("build_vocab_mapping.py", "--token-freq-path", generated["ref"] / "token_freq.pt",
+                  "--draft-vocab-size", 64, "--target-vocab-size", 32, "--output-path", "out",
+                  cwd=tmp_path, check=False)  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "64 exceeds the target's vocab size 32" in lines[-1]
+    assert not [ln for ln in lines if "error" in ln][1:] and not (tmp_path / "out").exists()
