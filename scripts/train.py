@@ -18,6 +18,7 @@ published in `SAVE/checkpoint_best/` (config.json, model.safetensors, metrics.js
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -65,6 +66,22 @@ def data_folders(data_path: Path) -> list[Path]:
     )
 
 
+def foreign_data(data_config: Path) -> str | None:
+    """Why a data_config.json written by the reference toolkit cannot be trained on, else None
+    (everything else is checked by `speculators train`)."""
+    try:
+        config = json.loads(data_config.read_text())
+    except (OSError, ValueError):
+        return None  # `speculators train` names the problem
+    if isinstance(config, dict) and "format_version" not in config and "version" in config:
+        return (
+            f"written by the reference toolkit (version {config['version']}): no sample lengths"
+            " and (seed era) aux layer ids one off vLLM's; regenerate it with this project's"
+            " scripts/data_generation_offline.py"
+        )
+    return None
+
+
 def commands(args, folders: list[Path]) -> list[list[str]]:
     """The `speculators` command line this script runs."""
     save = Path(args.save_path)
@@ -93,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     folders = data_folders(data_path)
     if not folders:
         return fail(PROG, data_path, "no folder with a data_config.json (hidden states) in it")
+    for folder in folders:
+        problem = foreign_data(folder / "data_config.json")
+        if problem:
+            return fail(PROG, folder / "data_config.json", problem)
     if args.no_resume_from_checkpoint:
         # Every rank deletes (a rank on another node may not share rank 0's view), and all do
         # so before the process group exists: no rank can have saved anything yet.

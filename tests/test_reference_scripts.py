@@ -358,3 +358,13 @@ def test_vocab_size_smaller_than_the_draft_is_one_line_error(generated, tmp_path
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and "64 exceeds the target's vocab size 32" in lines[-1]
     assert not [ln for ln in lines if "error" in ln][1:] and not (tmp_path / "out").exists()
+
+
+def test_train_refuses_data_made_by_the_reference_toolkit(tiny_llama, tmp_path):
+    folder = tmp_path / "data" / "sharegpt"
+    folder.mkdir(parents=True)
+    (folder / "data_config.json").write_text(json.dumps({"version": "2.0", "format": {}}))
+    proc = script("train.py", "--verifier-name-or-path", tiny_llama, cwd=tmp_path, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert "data/sharegpt/data_config.json: written by the reference toolkit" in lines[0]
