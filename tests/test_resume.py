@@ -145,8 +145,11 @@ def test_interrupted_training_finishes_with_the_same_command(finished, tmp_path)
     # always lands mid-training, however slow or loaded the machine.
     marker = tmp_path / "checkpoint-saved"
     hook = str(REPO / "tests" / "hold_after_checkpoint")
-    env = {**os.environ, "SPECULATORS_TEST_HOLD_MARKER": str(marker),
-           "PYTHONPATH": os.pathsep.join(filter(None, [hook, os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "SPECULATORS_TEST_HOLD_MARKER": str(marker),
+        "PYTHONPATH": os.pathsep.join(filter(None, [hook, os.environ.get("PYTHONPATH")])),
+    }
     proc = subprocess.Popen(user_command(resumed, cfgfile), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)  # fmt: skip
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None and not marker.exists():
