@@ -294,7 +294,8 @@ def test_vllm_asks_mt_bench_follow_ups_like_the_in_process_evaluator(tiny_llama,
 @pytest.mark.vllm
 @needs_vllm
 def test_vllm_regeneration_answers_each_conversation_like_transformers(tiny_llama, tmp_path):
-    """generate_chat_answers: one answer per conversation; greedy equals the transformers backend."""
+    """generate_chat_answers: one answer per conversation; greedy equals the transformers backend,
+    truncation flags included."""
     from fixtures import sample_conversations
 
     from speculators.data.regenerate import generate_chat_answers as hf_generate
@@ -324,4 +325,7 @@ def test_vllm_regeneration_answers_each_conversation_like_transformers(tiny_llam
     result = json.loads(line[len("RESULT") :])
     assert len(result["greedy"]) == len(convs)
     assert result["sampled"][0] == result["sampled"][1]  # seeded
-    assert result["greedy"] == hf_generate(str(tiny_llama), convs, 8, 0.0, 1.0, 0)
+    # [text, truncated] pairs: the same answers, cut at max_new_tokens in the same places.
+    assert result["greedy"] == [
+        list(a) for a in hf_generate(str(tiny_llama), convs, 8, 0.0, 1.0, 0)
+    ]
