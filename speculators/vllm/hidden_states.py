@@ -40,7 +40,8 @@ def engine_kwargs(store: SampleStore, max_model_len: int, tensor_parallel_size: 
     if on_cpu:
         transfer["kv_connector_module_path"] = "speculators.vllm.connector"
     return {
-        "dtype": str(store.dtype).removeprefix("torch."),
+        # fp8 storage quantises bf16 states in SampleStore.write; the engine runs in bf16.
+        "dtype": str(store.model_dtype).removeprefix("torch."),
         "max_model_len": max_model_len,
         "tensor_parallel_size": tensor_parallel_size,
         # A prefix served from the cache is never recomputed, so its states would be missing.
