@@ -251,10 +251,10 @@ class SampleStore:
         # A file object (not a path) keeps the archive's inner name fixed ("archive"), so the
         # bytes do not depend on the temporary file name; hashed in memory, then written.
         buffer = io.BytesIO()
-        torch.save(sample, buffer)
-        data = buffer.getvalue()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         try:
+            torch.save(sample, buffer)
+            data = buffer.getvalue()
             with atomic_path(where) as tmp:
                 with open(tmp, "wb") as f:
                     f.write(data)
