@@ -336,35 +336,35 @@ def verify_folder(folder: str | Path, *, hashes: bool = True) -> dict:
         layer_ids=cfg["layer_ids"],
         dtype=dtype_from_name(cfg["dtype"]),
     )
-    problems: list[str] = []
+    problems: list[tuple] = []  # (where, problem)
     counts = {"missing": 0, "size": 0, "hash": 0, "schema": 0, "degenerate": 0}
     nbytes = 0
     for idx, (n, entry) in enumerate(zip(lengths, manifest)):
         path = store.path(idx)
         if not path.is_file():
             counts["missing"] += 1
-            problems.append(f"{path}: missing")
+            problems.append((path, "missing"))
             continue
         size = path.stat().st_size
         nbytes += size
         if size != entry["bytes"]:
             counts["size"] += 1
-            problems.append(f"{path}: {size} bytes, manifest.json says {entry['bytes']}")
+            problems.append((path, f"{size} bytes, manifest.json says {entry['bytes']}"))
             continue
         problem = store.check(idx, [0] * n, [0] * n, compare_rows=False)
         if problem:
             counts["schema"] += 1
-            problems.append(f"{path}: {problem}")
+            problems.append((path, problem))
             continue
         try:
             got = store.inspect(idx) if hashes else None
         except SpeculatorsError as e:
             counts["degenerate"] += 1
-            problems.append(str(e))
+            problems.append((e.where, e.problem))
             continue
         if hashes and got["sha256"] != entry["sha256"]:
             counts["hash"] += 1
-            problems.append(f"{path}: sha256 differs from manifest.json (content changed)")
+            problems.append((path, "sha256 differs from manifest.json (content changed)"))
     if not problems and hashes:
         recorded = cfg.get("integrity", {}).get("layer_token_rms")
         reference = {int(k): v for k, v in recorded.items()} if recorded else None
@@ -372,7 +372,7 @@ def verify_folder(folder: str | Path, *, hashes: bool = True) -> dict:
             entries = [store.entries[i] for i in range(len(lengths))]
             check_folder(folder, entries, store.layer_ids, reference=reference)
         except SpeculatorsError as e:
-            problems.append(str(e))
+            problems.append((e.where, e.problem))
             counts["degenerate"] += 1
     seconds = time.perf_counter() - started
     result = {
@@ -386,7 +386,7 @@ def verify_folder(folder: str | Path, *, hashes: bool = True) -> dict:
     }
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        raise SpeculatorsError("verify", f"{problems[0]}{more}")
+        raise SpeculatorsError(problems[0][0], f"{problems[0][1]}{more}")
     return result
 
 
