@@ -55,23 +55,32 @@ CHUNK = 256  # positions per LM-head product (bounds the [chunk, V] logits)
 
 
 def layer_stats(states: Sequence[torch.Tensor]) -> list[dict]:
-    """Statistics of each layer's states [seq, H] (any dtype/device), computed in fp32."""
+    """Statistics of each layer's states [seq, H] (any dtype/device), accumulated in fp32.
+
+    Two passes over the data, no fp32 copy of it (the writer thread runs this on every
+    sample): per-token norms (NaN/inf propagate into them), then the sum for the mean.
+    """
     out = []
     for t in states:
-        x = t.detach().float()
-        bad = int((~torch.isfinite(x)).sum())
-        if bad:
-            out.append({"non_finite": bad, "seq": int(x.shape[0])})
+        x = t.detach()
+        seq, width = int(x.shape[0]), int(x.shape[-1])
+        norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)  # [seq]
+        if not bool(torch.isfinite(norms).all()):
+            bad = int((~torch.isfinite(x.float())).sum())
+            out.append({"non_finite": max(bad, 1), "seq": seq})
             continue
-        token_rms = x.square().mean(dim=-1).sqrt()
-        typical = token_rms[1:] if token_rms.numel() > 1 else token_rms
+        numel = max(seq * width, 1)
+        token_rms = norms / math.sqrt(width)
+        mean_sq = float(norms.double().square().sum()) / numel
+        mean = float(x.sum(dtype=torch.float32)) / numel
+        typical = token_rms[1:] if seq > 1 else token_rms
         out.append(
             {
                 "non_finite": 0,
-                "seq": int(x.shape[0]),
-                "rms": float(x.square().mean().sqrt()),
-                "std": float(x.std()) if x.numel() > 1 else 0.0,
-                "zero_tokens": int((token_rms == 0).sum()),
+                "seq": seq,
+                "rms": math.sqrt(mean_sq),
+                "std": math.sqrt(max(mean_sq - mean * mean, 0.0) * numel / max(numel - 1, 1)),
+                "zero_tokens": int((norms == 0).sum()),
                 "token_rms": float(typical.median()),
             }
         )
