@@ -141,12 +141,13 @@ def read_sample(path: str | os.PathLike, *, mmap: bool = False) -> dict:
 
 
 def sample_states(
-    sample: dict, dtype: torch.dtype = torch.float32, where: object = "sample"
+    sample: dict, dtype: torch.dtype | None = torch.float32, where: object = "sample"
 ) -> list[torch.Tensor]:
     """The hidden states of a loaded sample in `dtype`, one [seq, H] per layer id.
 
-    fp8 states are dequantised with their per-token scales; an fp8 sample without valid scales
-    (or scales beside non-fp8 states) raises SpeculatorsError naming `where`.
+    fp8 states are dequantised with their per-token scales (into float32 when `dtype` is
+    None; other states then stay as stored); an fp8 sample without valid scales (or scales
+    beside non-fp8 states) raises SpeculatorsError naming `where`.
     """
     states = sample.get("hidden_states")
     if not isinstance(states, list) or not all(isinstance(t, torch.Tensor) for t in states):
@@ -158,7 +159,7 @@ def sample_states(
     if not any(fp8):
         if scale is not None:
             raise SpeculatorsError(where, f"{SCALE_KEY} beside {states[0].dtype} states")
-        return [t.to(dtype) for t in states]
+        return list(states) if dtype is None else [t.to(dtype) for t in states]
     seq = states[0].shape[0] if states else 0
     if not (
         isinstance(scale, torch.Tensor)
@@ -169,7 +170,7 @@ def sample_states(
         raise SpeculatorsError(
             where, f"fp8 states need float32 {SCALE_KEY} [{len(states)}, {seq}], got {got}"
         )
-    return [dequantize(t, s, dtype) for t, s in zip(states, scale)]
+    return [dequantize(t, s, dtype or torch.float32) for t, s in zip(states, scale)]
 
 
 class SampleStore:
@@ -292,6 +293,12 @@ class SampleStore:
             sample = torch.load(path, weights_only=True, mmap=True)
         except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
             return f"unreadable ({str(e).splitlines()[0].split('. ')[0][:120]})"
+        return self.check_sample(sample, input_ids, loss_mask, compare_rows=compare_rows)
+
+    def check_sample(
+        self, sample, input_ids: Sequence[int], loss_mask: Sequence[int], *, compare_rows=True
+    ) -> str | None:
+        """`check` on a loaded sample: None if it fits the prepared row, else what is wrong."""
         keys = SAMPLE_KEYS | ({SCALE_KEY} if self.quantized else set())
         if not isinstance(sample, dict) or set(sample) != keys:
             return "not a hidden-states sample" + (" of this format" if isinstance(sample, dict) else "")
@@ -324,15 +331,21 @@ class SampleStore:
                 return f"{SCALE_KEY} is not float32 [{len(self.layer_ids)}, {seq}]"
         return None
 
-    def inspect(self, idx: int) -> dict:
-        """Read a whole sample file: its manifest entry (bytes, sha256, layer RMS), after the
-        integrity checks of `integrity.check_layers` (SpeculatorsError naming file and layer)."""
+    def inspect(self, idx: int, seq: int | None = None) -> dict:
+        """Read a whole sample file once: its manifest entry (bytes, sha256, layer RMS), after
+        the integrity checks of `integrity.check_layers` and, with `seq`, the schema of `check`
+        for a row of that length (SpeculatorsError naming the file, and the layer)."""
         from speculators.hidden_states import integrity
 
         path = self.path(idx)
         data = path.read_bytes()
         sample = read_sample(io.BytesIO(data)) if data else read_sample(path)
-        states = sample_states(sample, torch.float32, path)
+        if seq is not None:
+            problem = self.check_sample(sample, [0] * seq, [0] * seq, compare_rows=False)
+            if problem:
+                raise SpeculatorsError(path, problem)
+        # Statistics accumulate in fp32 whatever the dtype: no fp32 copy of bf16 states.
+        states = sample_states(sample, None, path)
         stats = integrity.layer_stats(states)
         integrity.check_layers(stats, self.layer_ids, path)
         entry = {
