@@ -27,9 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hidden_states import make_prepared as _make_prepared  # noqa: E402
-
 import hidden_states as hs_bench  # noqa: E402
+from hidden_states import make_prepared as _make_prepared  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -66,8 +65,9 @@ def store_bench(tmp: Path, hidden: int = 4096, layers: int = 4, seq: int = 512, 
                       "bf16_floor_bytes_per_token": floor, **out}}  # fmt: skip
 
 
-def run_cli(argv: list[str]) -> tuple[float, float, str]:
-    """(wall s, CPU s of the child, stderr) of `speculators <argv>` in a fresh process."""
+def run_cli(argv: list[str], pythonpath: str | None = None) -> tuple[float, float, str]:
+    """(wall s, CPU s of the child, stderr) of `speculators <argv>` in a fresh process
+    (importing the package from `pythonpath` when given: another checkout as a baseline)."""
     code = (
         "import resource, subprocess, sys, time;"
         "t = time.perf_counter(); p = subprocess.run(sys.argv[1:]);"
@@ -75,7 +75,8 @@ def run_cli(argv: list[str]) -> tuple[float, float, str]:
         "print(time.perf_counter() - t, r.ru_utime + r.ru_stime, p.returncode)"
     )
     cmd = [sys.executable, "-c", code, sys.executable, "-m", "speculators.cli", *argv]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ, **({"PYTHONPATH": pythonpath} if pythonpath else {}))
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall, cpu, rc = res.stdout.split()[-3:]
     if rc != "0":
         sys.exit(res.stderr[-3000:])
@@ -115,8 +116,27 @@ def capture_bench(args, tmp: Path) -> dict:
             }  # fmt: skip
             runs[dtype].append(rec)
             print(dtype, rep, rec, flush=True)
+    if args.baseline:
+        # The same bf16 capture by another checkout (before integrity checks and the probe),
+        # and by this one without the probe: what the checks cost.
+        for rep in range(args.repeats):
+            for name, extra, path in (("baseline", [], args.baseline),
+                                      ("no_probe", ["--probe-rows", "0"], None)):  # fmt: skip
+                argv = ["hidden-states", "--target", str(args.model), "--prepared",
+                        str(tmp / "prep"), "--output", str(tmp / f"{name}_{rep}"), *extra]  # fmt: skip
+                wall, cpu, err = run_cli(argv, path)
+                loop = float(re.search(r"tokens in ([0-9.]+) s", err).group(1))
+                rec = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "loop_s": round(loop, 2)}
+                runs.setdefault(f"bfloat16_{name}", []).append(rec)
+                print(name, rep, rec, flush=True)
     summary = {}
     for dtype, recs in runs.items():
+        if "_" in dtype and dtype != "float8_e4m3fn":
+            cpu = sorted(r["cpu_s"] for r in recs)[len(recs) // 2]
+            loop = sorted(r["loop_s"] for r in recs)[len(recs) // 2]
+            summary[dtype] = {"tokens_per_cpu_s": round(tokens / cpu),
+                              "tokens_per_s_loop": round(tokens / loop)}  # fmt: skip
+            continue
         cpu = sorted(r["cpu_s"] for r in recs)[len(recs) // 2]
         loop = sorted(r["loop_s"] for r in recs)[len(recs) // 2]
         verify = sorted(r["verify_s"] for r in recs)[len(recs) // 2]
@@ -147,6 +167,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--probe-rows", type=int, default=8)
     p.add_argument("--only", choices=["store", "capture"], default=None)
+    p.add_argument(
+        "--baseline", default=None, help="PYTHONPATH of another checkout: its bf16 capture too"
+    )
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     result = {}

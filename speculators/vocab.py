@@ -98,7 +98,8 @@ def check_vocab_source(vocab_dir: Path, token_freq: Path) -> None:
     record = Path(vocab_dir) / VOCAB_RECORD
     if not record.is_file():
         raise SpeculatorsError(
-            record, "missing: this vocabulary's source is unknown; rebuild it with `speculators vocab`"
+            record,
+            "missing: this vocabulary's source is unknown; rebuild it with `speculators vocab`",
         )
     info = read_json(record)
     digest = file_sha256(token_freq)

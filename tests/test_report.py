@@ -131,7 +131,9 @@ def test_report_renders_every_section(run_files):
     assert 'src="http' not in html
     assert "1.45" in md and "2100" in md  # acceptance length, supervised tokens
     # storage per token vs the bf16 floor (4 x 128 x 2), the probe, the integrity counts
-    assert "| chats | bfloat16 | 547.2 | 1024 | 0.534 | 99.34% | 99.67% | 98.10% | 3.12% | 38 |" in md
+    assert (
+        "| chats | bfloat16 | 547.2 | 1024 | 0.534 | 99.34% | 99.67% | 98.10% | 3.12% | 38 |" in md
+    )
     assert summary["acceptance_length"] == {"transformers": {"1": 1.3, "3": 1.45}}
     assert summary["num_layers"] == 1 and summary["datasets"] == {"chats": 38}
 

@@ -301,7 +301,9 @@ class SampleStore:
         """`check` on a loaded sample: None if it fits the prepared row, else what is wrong."""
         keys = SAMPLE_KEYS | ({SCALE_KEY} if self.quantized else set())
         if not isinstance(sample, dict) or set(sample) != keys:
-            return "not a hidden-states sample" + (" of this format" if isinstance(sample, dict) else "")
+            return "not a hidden-states sample" + (
+                " of this format" if isinstance(sample, dict) else ""
+            )
         seq = len(input_ids)
         ids, mask, states = sample["input_ids"], sample["loss_mask"], sample["hidden_states"]
         if not (isinstance(ids, torch.Tensor) and ids.dtype == torch.long and ids.shape == (seq,)):
@@ -430,7 +432,12 @@ class SampleStore:
                 self.entries.pop(i, None)
 
     def finish(
-        self, num_samples: int, *, probe: dict | None = None, min_fidelity: float = 0.0, **data_config
+        self,
+        num_samples: int,
+        *,
+        probe: dict | None = None,
+        min_fidelity: float = 0.0,
+        **data_config,
     ) -> Path:
         """Check all `num_samples` files exist, drop stale extras, check the folder's integrity
         (`integrity.check_folder`: every sample's layer RMS against the probe, the probe's
@@ -615,7 +622,9 @@ def read_data_config(path: str | os.PathLike) -> dict:
             " (written by a newer speculators?)",
         )
     if config.get("dtype") not in DTYPES:
-        raise SpeculatorsError(path, f"dtype {config.get('dtype')!r} is not one of {sorted(DTYPES)}")
+        raise SpeculatorsError(
+            path, f"dtype {config.get('dtype')!r} is not one of {sorted(DTYPES)}"
+        )
     if (version == FP8_FORMAT_VERSION) != (config["dtype"] == "float8_e4m3fn"):
         raise SpeculatorsError(
             path, f"format_version {version} does not match dtype {config['dtype']}"

@@ -284,9 +284,7 @@ class BatchLoader:
             return empty_batch(self.capacity, h * (self.num_states - 1), h)
         refs = [self.ref(i) for i in bin_]
         ids = self.data.layer_ids
-        batch = pack_batch(
-            [load_sample(r, self.num_states, h, ids) for r in refs], self.capacity
-        )
+        batch = pack_batch([load_sample(r, self.num_states, h, ids) for r in refs], self.capacity)
         if self.noise > 0:
             # Uniform in [-noise, noise) on the aux states only; padding stays zero.
             g = noise_generator(self.seed, epoch, step, rank)

@@ -26,10 +26,10 @@ from speculators.fileio import atomic_path, write_json
 from speculators.train import distributed, launch
 from speculators.train.checkpoint import Checkpointer, load_trainable_state_dict
 from speculators.train.data import BatchLoader, HiddenStatesData, load_vocab_mapping
-from speculators.vocab import check_vocab_source
 from speculators.train.metrics import STAT_KINDS, MetricsLog, stats_vector, summarize
 from speculators.train.optim import SCHEDULERS, build_optimizer, build_scheduler
 from speculators.train.packing import plan_epoch
+from speculators.vocab import check_vocab_source
 
 log = logging.getLogger(__name__)
 
