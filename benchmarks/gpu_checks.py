@@ -285,13 +285,13 @@ def check_env(ctx: Ctx) -> None:
     ctx.sub("imports", imports)
 
     def device_ops():
-        from speculators.devices import cpu_has_native_bf16
+        from speculators.devices import native_bf16
 
         dev = torch.device(ctx.device)
         a = torch.randn(512, 512, device=dev)
         b = (a @ a.T).sum().item()
         out = {"device": str(dev), "matmul_sum_finite": math.isfinite(b),
-               "cpu_has_native_bf16": cpu_has_native_bf16()}  # fmt: skip
+               "native_bf16": native_bf16()}  # fmt: skip
         if dev.type == "cuda":
             with torch.autocast("cuda", torch.bfloat16):
                 c = a @ a

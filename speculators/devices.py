@@ -6,6 +6,7 @@ issue #459: `--ntasks-per-gpu` splits the allocation); failing at once beats a s
 
 from __future__ import annotations
 
+import functools
 import os
 
 from speculators.errors import SpeculatorsError
@@ -76,26 +77,139 @@ def _scontrol(*args: str) -> str:
     return proc.stdout
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU multiplies bf16 in hardware (AMX or AVX512-BF16)."""
+# ---------------------------------------------------------------- precision policy
+#
+# One rule for every stage that runs the target or the draft (regenerate, hidden-states, train,
+# evaluate, and their vLLM hand-overs): what a stage *computes* in is decided here, from the
+# device; what it *stores* (hidden states, the draft's weights) is its own setting, cast on write.
+
+NATIVE_BF16_ENV = "SPECULATORS_NATIVE_BF16"  # "1"/"0" overrides detection (tests, odd CPUs)
+_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where it cannot be read)."""
     try:
-        flags = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
     except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+        pass
+    return set()
 
 
-def compute_dtype(device: str, stored):
-    """The dtype to run a target in: its stored dtype on GPUs; on CPUs bf16/fp16 weights run in
-    bf16 only where the CPU has native bf16 (3x faster than fp32 for SmolLM2 generation on an
-    AMX machine), else in fp32, which is faster than emulated bf16."""
+def cpu_description() -> dict:
+    """What benchmark figures are measured on: the CPU's model name, the flags that decide its
+    matmul speed, its logical CPUs, and whether bf16 counts as native (see `native_bf16`)."""
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model
+            )
+    except OSError:
+        pass
+    flags = cpu_flags()
+    named = {
+        "avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX",
+    }  # fmt: skip
+    return {
+        "model": model,
+        "flags": [name for flag, name in named.items() if flag in flags],
+        "cpus": os.cpu_count(),
+        "native_bf16": native_bf16(),
+    }
+
+
+def cpu_summary() -> str:
+    """`cpu_description` as one line, e.g. 'Intel Xeon (AVX2, AVX-512, AMX; 2 CPUs; bf16 native)'."""
+    d = cpu_description()
+    flags = ", ".join(d["flags"]) or "no AVX2"
+    bf16 = "bf16 native" if d["native_bf16"] else "bf16 emulated: fp32 compute"
+    return f"{d['model']} ({flags}; {d['cpus']} CPUs; {bf16})"
+
+
+def describe(device="cpu") -> str:
+    """The device figures were measured on, for data_config.json, eval JSON and the report:
+    the GPU's name and count, or the CPU's model, flags and threads (`cpu_summary`)."""
     import torch
 
-    if device != "cpu":
-        return stored
-    if stored in (torch.bfloat16, torch.float16) and cpu_has_native_bf16():
+    if getattr(device, "type", device) == "cuda":
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    return f"{torch.get_num_threads()} threads on {cpu_summary()}"
+
+
+def _bf16_matmul_is_fast() -> bool:
+    """Measure: a bf16 matmul at least as fast as fp32 (about 10 ms). Flags alone can lie: a
+    library limited to AVX2 (ONEDNN_MAX_CPU_ISA, a VM that hides AMX state) emulates bf16 at a
+    60th of the fp32 rate even on a CPU that lists amx_bf16."""
+    import time
+
+    import torch
+
+    def seconds(dtype) -> float:
+        a = torch.ones(256, 512, dtype=dtype)
+        b = torch.ones(512, 512, dtype=dtype)
+        a @ b  # warm-up: kernel selection and packing
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    return seconds(torch.bfloat16) <= seconds(torch.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def native_bf16() -> bool:
+    """True when this CPU multiplies bf16 in hardware: it lists AMX-BF16 or AVX512-BF16 *and* a
+    measured bf16 matmul is not slower than fp32. `$SPECULATORS_NATIVE_BF16` (1/0) overrides."""
+    forced = os.environ.get(NATIVE_BF16_ENV)
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise SpeculatorsError(NATIVE_BF16_ENV, f"must be 0 or 1, got {forced!r}")
+    return bool(cpu_flags().intersection(_BF16_FLAGS)) and _bf16_matmul_is_fast()
+
+
+def compute_dtype(device, stored=None):
+    """The dtype a stage runs a model in, from the device and the weights' stored dtype.
+
+    GPUs: the stored dtype (bf16 when unknown). CPUs: bf16 for half-precision weights only where
+    bf16 is native (`native_bf16`; 3x the fp32 speed of SmolLM2 generation with AMX), else fp32,
+    which is 60x faster than emulated bf16 on an AVX2-only CPU. fp32 weights stay fp32.
+    `device` is a torch.device or its type name ("cpu", "cuda").
+    """
+    import torch
+
+    half = (torch.bfloat16, torch.float16)
+    if getattr(device, "type", device) != "cpu":
+        return stored or torch.bfloat16
+    if (stored is None or stored in half) and native_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+def dtype_name(dtype) -> str:
+    """'float32' for torch.float32: the spelling vLLM's `dtype=` and the configs use."""
+    return str(dtype).removeprefix("torch.")
+
+
+def target_compute_dtype(target, device=None):
+    """`compute_dtype` for a target folder or Hugging Face id, from its config's dtype; `device`
+    None means this process's default device (CUDA when visible)."""
+    import torch
+    from transformers import AutoConfig
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = AutoConfig.from_pretrained(target)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return compute_dtype(device, stored or torch.float32)
 
 
 def add_gpus_argument(parser) -> None:

@@ -30,7 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--token-freq", required=True, type=Path, help="token_freq.pt (token id -> count)"
     )
-    p.add_argument("--target", required=True, help="target model folder or Hugging Face id (for V)")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--target", help="target model folder or Hugging Face id (for V)")
+    size.add_argument(
+        "--target-vocab-size", type=int, help="V itself, instead of reading it from --target"
+    )
     p.add_argument("--draft-vocab-size", required=True, type=int, help="Vd, at most the target's V")
     p.add_argument("--output-dir", required=True, type=Path, help="folder for d2t.npy and t2d.npy")
 
@@ -117,7 +121,12 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    vocab_size = target_vocab_size(args.target)
+    if args.target is not None:
+        vocab_size = target_vocab_size(args.target)
+    elif args.target_vocab_size < 1:
+        raise SpeculatorsError("--target-vocab-size", f"{args.target_vocab_size} must be >= 1")
+    else:
+        vocab_size = args.target_vocab_size
     if args.draft_vocab_size > vocab_size:
         raise SpeculatorsError(
             "--draft-vocab-size",

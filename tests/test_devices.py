@@ -72,19 +72,6 @@ def test_negative_count_is_an_error():
         devices.require_gpus(-1, "hidden_states.gpus")
 
 
-def test_compute_dtype_keeps_fp32_and_gpu_dtypes(monkeypatch):
-    import torch
-
-    from speculators import devices
-
-    assert devices.compute_dtype("cuda", torch.bfloat16) == torch.bfloat16
-    assert devices.compute_dtype("cpu", torch.float32) == torch.float32
-    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
-    assert devices.compute_dtype("cpu", torch.bfloat16) == torch.bfloat16
-    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
-    assert devices.compute_dtype("cpu", torch.bfloat16) == torch.float32
-
-
 @pytest.mark.parametrize(
     "argv, key",
     [

@@ -244,3 +244,30 @@ def test_mask_never_marks_user_or_system_tokens(tokenizers, conv, name):
         assert "".join(supervised_spans(tok, result.rows[0])) == "".join(
             (think if i == last else "") + a + closing for i, a in enumerate(answers)
         )
+
+
+@pytest.mark.parametrize("name", ["chatml-generation", "default-system"])
+def test_truncated_answer_is_supervised_without_an_end_of_turn_and_ends_the_row(tokenizers, name):
+    """A regenerated answer cut at max_new_tokens: its text is supervised, the template's
+    <|im_end|> after it is not (the target never chose to stop there), and later turns are left
+    out; earlier answers keep their closing token."""
+    tok = tokenizers[name]
+    eos = masks.end_of_turn_ids(tok) | {tok.convert_tokens_to_ids("<|im_end|>")}
+    m = masks.Masker(tok, 4096, eos)
+    cut = [
+        CONVERSATION[0],
+        CONVERSATION[1],
+        CONVERSATION[2],
+        {**CONVERSATION[3], "truncated": True},
+        {"role": "user", "content": "And of Spain?"},
+        {"role": "assistant", "content": "Madrid."},
+    ]
+    (row,) = m.rows(cut).rows
+    assert supervised_spans(tok, row) == [
+        "I am fine, thank you.<|im_end|>",
+        "The capital of France is Paris.",
+    ]
+    assert tok.decode(row.input_ids).endswith("Paris.")
+    whole = m.rows(CONVERSATION[:4]).rows[0]
+    assert row.input_ids == whole.input_ids[:-1]
+    assert row.loss_mask == whole.loss_mask[:-1]

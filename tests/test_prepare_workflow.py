@@ -19,7 +19,12 @@ def test_snakemake_prepares_regenerated_and_plain_datasets(tiny_llama, chat_json
                 "target": "tiny",
                 "datasets": {"chats": {"regenerate": True, "max_samples": 4}, "again": {}},
                 "prepare": {"seq_length": 128, "eval_prompts": 2},
-                "regenerate": {"max_new_tokens": 4, "batch_size": 4, "max_turns": 1},
+                "regenerate": {
+                    "max_new_tokens": 4,
+                    "batch_size": 4,
+                    "max_turns": 1,
+                    "backend": "transformers",
+                },
             }
         },
     }

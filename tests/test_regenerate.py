@@ -106,7 +106,7 @@ def fake_generate(target, conversations, max_new_tokens, temperature, top_p, see
         assert conv[-1]["role"] == "user"
         previous = [m["content"] for m in conv if m["role"] == "assistant"]
         assert all(p.startswith("re:") for p in previous)  # history holds regenerated answers
-        out.append(f"re:{conv[-1]['content']}#{len(previous)}")
+        out.append(regenerate.Answer(f"re:{conv[-1]['content']}#{len(previous)}", False))
     return out
 
 
@@ -119,7 +119,7 @@ def test_answers_are_generated_turn_by_turn_keeping_user_turns():
         {"role": "assistant", "content": "A2"},
         {"role": "user", "content": "U3"},
     ]
-    counts = {"answers": 0, "empty_answers": 0, "stopped_no_user_turn": 0}
+    counts = {"answers": 0, "empty_answers": 0, "truncated_answers": 0, "stopped_no_user_turn": 0}
     settings = settings_for("t", max_turns=None)
     (out,) = regenerate.regenerate_batch([conv], fake_generate, settings, 0, counts)
     assert out == [
@@ -138,9 +138,9 @@ def test_answers_are_generated_turn_by_turn_keeping_user_turns():
 
 def test_empty_answer_and_answer_without_user_turn_stop_the_conversation():
     def silent_second(target, conversations, *args):
-        return ["" if len(c) > 1 else "re:ok" for c in conversations]
+        return [regenerate.Answer("" if len(c) > 1 else "re:ok", False) for c in conversations]
 
-    counts = {"answers": 0, "empty_answers": 0, "stopped_no_user_turn": 0}
+    counts = {"answers": 0, "empty_answers": 0, "truncated_answers": 0, "stopped_no_user_turn": 0}
     convs = [
         [
             {"role": "user", "content": "U1"},
@@ -154,6 +154,56 @@ def test_empty_answer_and_answer_without_user_turn_stop_the_conversation():
     assert first == [{"role": "user", "content": "U1"}, {"role": "assistant", "content": "re:ok"}]
     assert second == []
     assert counts["empty_answers"] == 1 and counts["stopped_no_user_turn"] == 1
+
+
+def test_truncated_answer_is_marked_counted_and_ends_the_conversation():
+    """An answer cut at max_new_tokens is kept with "truncated": true and no later turn is
+    generated on it (the target never finished that reply)."""
+
+    def cut_first(target, conversations, *args):
+        return [regenerate.Answer(f"re{len(c)}", len(c) == 1) for c in conversations]
+
+    conv = [
+        {"role": "user", "content": "U1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "U2"},
+        {"role": "assistant", "content": "A2"},
+    ]
+    counts = {"answers": 0, "empty_answers": 0, "truncated_answers": 0, "stopped_no_user_turn": 0}
+    (out,) = regenerate.regenerate_batch([conv], cut_first, settings_for("t"), 0, counts)
+    assert out == [
+        {"role": "user", "content": "U1"},
+        {"role": "assistant", "content": "re1", "truncated": True},
+    ]
+    assert counts["answers"] == 1 and counts["truncated_answers"] == 1
+
+
+def test_sorted_batches_give_one_at_a_time_greedy_answers_and_mark_cut_ones(tiny_llama):
+    """The transformers backend sorts prompts by length into batches: its greedy answers equal
+    generating each conversation alone, in the order given; an answer that used every one of
+    max_new_tokens without an end-of-turn token is marked truncated."""
+    import torch
+    from fixtures import sample_conversations
+
+    convs = [c[:1] for c in sample_conversations(7)] + [sample_conversations(6)[5][:3]]
+    batched = regenerate.generate_chat_answers(str(tiny_llama), convs, 6, 0.0, 1.0, 0)
+    alone = [
+        regenerate.generate_chat_answers(str(tiny_llama), [c], 6, 0.0, 1.0, 0)[0] for c in convs
+    ]
+    assert batched == alone
+    tokenizer, model = regenerate._load_target(str(tiny_llama))
+    for conv, answer in zip(convs, batched):
+        ids = tokenizer.apply_chat_template(
+            conv, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=6, do_sample=False)
+        new = out[0, ids["input_ids"].shape[1] :].tolist()
+        ended = any(
+            t in (tokenizer.eos_token_id, model.generation_config.eos_token_id) for t in new
+        )
+        assert answer.truncated == (not ended)
+        assert answer.text == tokenizer.decode(new, skip_special_tokens=True)
 
 
 def test_cli_regenerate_then_prepare_keeps_the_split(tiny_llama, chat_jsonl, tmp_path):

@@ -141,13 +141,20 @@ def test_interrupted_training_finishes_with_the_same_command(finished, tmp_path)
     log = resumed / "logs" / "train" / "draft" / f"{RUN}.log"
     log.unlink()  # the finished run's log already tells of checkpoints
 
-    proc = subprocess.Popen(user_command(resumed, cfgfile), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if log.exists() and "checkpoint saved at step" in log.read_text():
-            break
+    # The trainer holds after its first checkpoint (tests/hold_after_checkpoint): the interrupt
+    # always lands mid-training, however slow or loaded the machine.
+    marker = tmp_path / "checkpoint-saved"
+    hook = str(REPO / "tests" / "hold_after_checkpoint")
+    env = {
+        **os.environ,
+        "SPECULATORS_TEST_HOLD_MARKER": str(marker),
+        "PYTHONPATH": os.pathsep.join(filter(None, [hook, os.environ.get("PYTHONPATH")])),
+    }
+    proc = subprocess.Popen(user_command(resumed, cfgfile), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)  # fmt: skip
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not marker.exists():
         time.sleep(0.2)
-    assert proc.poll() is None, "training finished before it could be interrupted"
+    assert marker.exists() and proc.poll() is None, "training never reached its first checkpoint"
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: snakemake and its running job
     first = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0, first

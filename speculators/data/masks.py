@@ -83,9 +83,9 @@ class Masker:
             self.mode == GENERATION_MARKERS and self.boundary_rows(_PROBE).per_turn
         )
 
-    def render(self, messages: list[dict], generation_prompt: bool) -> list[int]:
+    def render(self, messages: list[dict], generation_prompt: bool, tools=None) -> list[int]:
         text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
+            messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
         )
         # The template writes BOS itself; vLLM also tokenises chat renders without extras.
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -98,41 +98,73 @@ class Masker:
                 return k + 1
         return end
 
-    def rows(self, conversation: list[dict]) -> Result:
-        last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
+    def rows(self, conversation: list[dict], tools: list[dict] | None = None) -> Result:
+        """Rows of one conversation (messages as `sources.parse_row` gives them: reasoning,
+        tool calls and tool results included; `tools` = the row's tool definitions, passed to
+        the template). Only assistant turns are supervised: their text, reasoning and
+        tool-call tokens as the template renders them, up to the end-of-turn id."""
+        answers = [i for i, m in enumerate(conversation) if m["role"] == "assistant"]
+        # An answer cut at max_new_tokens ("truncated": true) is the last one trained on: what
+        # follows it was never a reply to what the target said.
+        cut = next((i for i in answers if conversation[i].get("truncated")), None)
+        last = answers[-1] if cut is None else cut
         # Turns after the last answer carry no loss: leave them out of the row.
         conversation = conversation[: last + 1]
         try:
             if self.mode == GENERATION_MARKERS and not self.markers_per_turn:
-                return self.marker_rows(conversation)
-            return self.boundary_rows(conversation)
+                result = self.marker_rows(conversation, tools)
+            else:
+                result = self.boundary_rows(conversation, tools)
         except SpeculatorsError:
             raise
         except Exception:  # jinja raise_exception, role-order checks of strict templates
             return Result(dropped=Counter(template_error=1))
+        if cut is not None:
+            last_turn = sum(m["role"] == "assistant" for m in conversation) - 1
+            for row in result.rows:
+                if row.turn in (-1, last_turn):
+                    self._unclose(row)
+        return result
 
-    def marker_rows(self, conversation: list[dict]) -> Result:
+    def _unclose(self, row: Row) -> None:
+        """The template closes every answer with its end-of-turn token; a truncated answer was
+        never closed by the target, so that token (and anything after it) is not a target."""
+        while row.input_ids and row.input_ids[-1] in self.eos_ids:
+            row.input_ids.pop()
+            row.loss_mask.pop()
+
+    def marker_rows(self, conversation: list[dict], tools=None) -> Result:
         enc = self.tokenizer.apply_chat_template(
-            conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            conversation,
+            tools=tools,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
         )
         return self._finish([(list(enc["input_ids"]), list(enc["assistant_masks"]), -1)], False)
 
-    def boundary_rows(self, conversation: list[dict]) -> Result:
+    def boundary_rows(self, conversation: list[dict], tools=None) -> Result:
         dropped = Counter()
         spans = []  # (turn, start, end, tokens of conv[:j+1])
         chained = True  # every render is a token prefix of the next one
         previous: list[int] = []
         turns = [j for j, m in enumerate(conversation) if m["role"] == "assistant"]
         for turn, j in enumerate(turns):
-            prompt = self.render(conversation[:j], True)
+            prompt = self.render(conversation[:j], True, tools)
             if len(prompt) >= self.seq_length:
                 dropped["turn_beyond_seq_length"] += len(turns) - turn
                 break
-            full = self.render(conversation[: j + 1], False)
+            full = self.render(conversation[: j + 1], False, tools)
             if full[: len(prompt)] != prompt:
-                dropped["turn_prefix_mismatch"] += 1
+                # The template renders the history differently once this answer follows it
+                # (gpt-oss drops a tool call's analysis after a final answer): the row is the
+                # prompt as served plus the answer as the template renders it last.
+                answer = self._answer_tokens(full, prompt, conversation[:j], tools)
                 chained = False
-                continue
+                if answer is None:
+                    dropped["turn_prefix_mismatch"] += 1
+                    continue
+                full = prompt + answer
             if prompt[: len(previous)] != previous:
                 chained = False
             spans.append((turn, len(prompt), self._span_end(full, len(prompt), len(full)), full))
@@ -151,6 +183,30 @@ class Masker:
             result = self._finish(candidates, True)
         result.dropped.update(dropped)
         return result
+
+    def _answer_tokens(self, full, prompt, history, tools, min_match: int = 8):
+        """The answer's tokens in `full` (the render ending with it): they follow the
+        generation prompt at the position whose preceding tokens best match the end of the
+        history's own render (at least `min_match` tokens, or the whole history); None when no
+        position qualifies."""
+        history_ids = self.render(history, False, tools)
+        if prompt[: len(history_ids)] != history_ids:
+            return None
+        gen = prompt[len(history_ids) :]
+        best, best_match = None, min(min_match, len(history_ids))
+        for s in range(len(full) - len(gen), 0, -1):
+            if full[s : s + len(gen)] != gen:
+                continue
+            match = 0
+            while match < min(s, len(history_ids)) and (
+                full[s - 1 - match] == history_ids[-1 - match]
+            ):
+                match += 1
+            if match >= best_match and (best is None or match > best[1]):
+                best = (s, match)
+        if best is None or best[0] + len(gen) >= len(full):
+            return None
+        return full[best[0] + len(gen) :]
 
     def _finish(self, candidates, per_turn: bool) -> Result:
         """Truncate to seq_length and end each row at its last supervised token (what follows

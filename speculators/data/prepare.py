@@ -22,6 +22,7 @@ from speculators.fileio import atomic_path, torch_save
 log = logging.getLogger(__name__)
 
 COLUMNS = ("input_ids", "loss_mask", "seq_len", "row_id", "turn")
+PRETOKENIZED = "pretokenized"  # template_mode when every training row came tokenised
 
 
 def _features():
@@ -57,9 +58,33 @@ def _masker(target: str, seq_length: int) -> masks.Masker:
     return masks.Masker(tokenizer, seq_length, masks.end_of_turn_ids(tokenizer, target), target)
 
 
+@functools.lru_cache(maxsize=4)
+def vocab_size(target: str) -> int:
+    """Rows the target's embedding has (config `vocab_size`); the tokenizer's length when the
+    target folder holds only a tokenizer."""
+    from speculators.targets import target_dims
+
+    try:
+        return target_dims(target, ("vocab_size",))["vocab_size"]
+    except SpeculatorsError:
+        return len(load_tokenizer(target))
+
+
+def _pretokenized_row(item: dict, target: str, seq_length: int) -> tuple[list, list, str]:
+    """(input_ids, loss_mask, "") of a pretokenised row, unchanged but cut to seq_length, or
+    ([], [], why it is dropped)."""
+    ids, mask = item["input_ids"], item["loss_mask"]
+    if max(ids) >= vocab_size(target):
+        return [], [], "pretokenized_token_out_of_vocab"
+    ids, mask = ids[:seq_length], mask[:seq_length]
+    if not any(mask):
+        return [], [], "no_supervised_tokens"
+    return ids, mask, ""
+
+
 def tokenise_batch(batch, target: str, seq_length: int, min_supervised_tokens: int) -> dict:
-    """datasets.map function: conversations -> rows, plus one bookkeeping row per drop reason."""
-    masker = _masker(target, seq_length)
+    """datasets.map function: rows (JSON: a conversation with optional tools, or a pretokenised
+    row) -> rows with loss masks, plus one bookkeeping row per drop reason."""
     out = {name: [] for name in _features()}
 
     def emit(ids, mask, rid, turn, dropped="", count=0):
@@ -71,8 +96,14 @@ def tokenise_batch(batch, target: str, seq_length: int, min_supervised_tokens: i
         out["dropped"].append(dropped)
         out["dropped_count"].append(count)
 
-    for rid, conversation in zip(batch["row_id"], batch["conversations"]):
-        result = masker.rows(conversation)
+    for rid, payload in zip(batch["row_id"], batch["payload"]):
+        item = json.loads(payload)
+        if "input_ids" in item:
+            ids, mask, why = _pretokenized_row(item, target, seq_length)
+            rows = [masks.Row(ids, mask, -1)] if not why else []
+            result = masks.Result(rows=rows, dropped=Counter({why: 1} if why else {}))
+        else:
+            result = _masker(target, seq_length).rows(item["conversations"], item.get("tools"))
         for row in result.rows:
             if sum(row.loss_mask) < min_supervised_tokens:
                 result.dropped["too_few_supervised_tokens"] += 1
@@ -96,11 +127,17 @@ def token_frequencies(dataset) -> dict[int, int]:
     return {int(k): int(v) for k, v in sorted(counts.items())}
 
 
+def _has_chats(selection: sources.Selection) -> bool:
+    return any("conversations" in r for r in selection.train)
+
+
 def read_selection(args) -> sources.Selection:
     rows = sources.load_rows(args.source, args.split)
-    selection = sources.presplit(rows, args.source)
+    selection = sources.presplit(rows, args.source, pretokenized=True)
     if selection is None:
-        selection = sources.select(rows, args.seed, args.eval_prompts, args.max_samples)
+        selection = sources.select(
+            rows, args.seed, args.eval_prompts, args.max_samples, pretokenized=True
+        )
     if not selection.train:
         raise SpeculatorsError(
             args.source, f"no usable training conversation (skipped: {dict(selection.dropped)})"
@@ -112,9 +149,16 @@ def tokenise(selection: sources.Selection, args):
     """The kept rows (Arrow dataset with COLUMNS) and the drop counts by reason."""
     import datasets
 
-    _masker(args.target, args.seq_length)  # fail early (no chat template) in this process
+    if _has_chats(selection):  # fail early (no chat template) in this process
+        _masker(args.target, args.seq_length)
+    # Rows travel as JSON text: Arrow would merge the key sets of all messages and tool-call
+    # arguments (absent keys become None, which templates render) and cannot hold a lone
+    # surrogate. The payload is the selection item without its id.
     table = datasets.Dataset.from_list(
-        [{"row_id": r["id"], "conversations": r["conversations"]} for r in selection.train]
+        [
+            {"row_id": r["id"], "payload": json.dumps({k: v for k, v in r.items() if k != "id"})}
+            for r in selection.train
+        ]
     )
     mapped = table.map(
         tokenise_batch,
@@ -145,14 +189,17 @@ def tokenise(selection: sources.Selection, args):
 def _write_eval_prompts(path: Path, rows: list[dict]) -> None:
     with open(path, "w") as f:
         for row in rows:
-            f.write(json.dumps({"id": row["id"], "conversations": row["conversations"]}) + "\n")
+            f.write(json.dumps(row) + "\n")
 
 
 def run_prepare(args) -> None:
     started = time.time()
     selection = read_selection(args)
-    masker = _masker(args.target, args.seq_length)
-    log.info("template mode: %s", masker.mode)
+    # Only chat rows need the chat template; pretokenised rows need just the tokenizer.
+    masker = _masker(args.target, args.seq_length) if _has_chats(selection) else None
+    tokenizer = masker.tokenizer if masker else load_tokenizer(args.target)
+    mode = masker.mode if masker else PRETOKENIZED
+    log.info("template mode: %s", mode)
     dataset, dropped = tokenise(selection, args)
     if len(dataset) == 0:
         raise SpeculatorsError(
@@ -163,7 +210,7 @@ def run_prepare(args) -> None:
         "first prepared row of %s (row_id %s, supervised tokens in ⟦ ⟧):\n%s",
         args.dataset_name,
         first["row_id"],
-        masks.show_row(masker.tokenizer, first["input_ids"], first["loss_mask"]),
+        masks.show_row(tokenizer, first["input_ids"], first["loss_mask"]),
     )
     freq = token_frequencies(dataset)
     lengths = np.asarray(dataset["seq_len"])
@@ -185,13 +232,17 @@ def run_prepare(args) -> None:
         "mean_length": float(lengths.mean()),
         "max_length": int(lengths.max()),
         "seq_length": args.seq_length,
-        "template_mode": masker.mode,
+        "template_mode": mode,
         "per_turn_rows": {
             "used": bool(per_turn_ids),
             "conversations": len(per_turn_ids),
             "reason": masks.PER_TURN_REASON if per_turn_ids else None,
         },
-        "end_of_turn_ids": sorted(masker.eos_ids),
+        "end_of_turn_ids": sorted(masker.eos_ids) if masker else [],
+        # Answers cut at max_new_tokens by regeneration: kept, with no end-of-turn supervised.
+        "truncated_answers": sum(
+            bool(m.get("truncated")) for r in selection.train for m in r.get("conversations", [])
+        ),
         "eval_prompts": len(selection.eval),
         "seconds": round(time.time() - started, 2),
     }

@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from speculators.data import sources
 from speculators.devices import add_gpus_argument, check_job_gpus
@@ -20,21 +21,32 @@ from speculators.fileio import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
-GenerateFn = Callable[[str, list, int, float, float, int], list]
+
+class Answer(NamedTuple):
+    """One generated answer; `truncated` when it stopped at max_new_tokens rather than at an
+    end-of-turn token of the target's own choosing."""
+
+    text: str
+    truncated: bool
+
+
+GenerateFn = Callable[[str, list, int, float, float, int], list[Answer]]
+# Conversations per forward batch of the transformers backend: prompts are sorted by length
+# first, so padding stays small; 32-64 rows keep a 2-core CPU's matmuls efficient.
+MICRO_BATCH = 32
 
 
 @functools.lru_cache(maxsize=1)
 def _load_target(target: str):
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from speculators.devices import compute_dtype
+    from speculators.devices import target_compute_dtype
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(target)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        stored = getattr(AutoConfig.from_pretrained(target), "dtype", None) or torch.float32
-        dtype = compute_dtype(device, stored)
+        dtype = target_compute_dtype(target, device)
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).to(device).eval()
     except Exception as e:
         raise SpeculatorsError(target, f"cannot load the target model ({e})") from None
@@ -51,32 +63,45 @@ def generate_chat_answers(
     temperature: float,
     top_p: float,
     seed: int,
-) -> list[str]:
+) -> list[Answer]:
     """Transformers backend: the target's answer to each conversation (each ends with a user
-    turn), generated in one left-padded batch. Same signature as the vLLM backend."""
+    turn), in the order given. Prompts are sorted by length and generated in left-padded
+    batches of `MICRO_BATCH`, so little compute goes to padding; greedy answers are those of
+    one-at-a-time generation. Same signature as the vLLM backend."""
     import torch
 
     tokenizer, model = _load_target(target)
-    texts = [
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    eos_ids.add(tokenizer.eos_token_id)
+    prompts = [
         tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
         for c in conversations
     ]
-    batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-    batch = batch.to(model.device)
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     sampling = temperature > 0
     options = dict(do_sample=sampling, temperature=None, top_p=None, top_k=None)
     if sampling:
         torch.manual_seed(seed)
         options.update(temperature=temperature, top_p=top_p, top_k=0)
-    with torch.inference_mode():
-        out = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            **options,
-        )
-    new_tokens = out[:, batch["input_ids"].shape[1] :]
-    return [tokenizer.decode(t, skip_special_tokens=True) for t in new_tokens]
+    answers: list[Answer | None] = [None] * len(prompts)
+    for start in range(0, len(order), MICRO_BATCH):
+        chunk = order[start : start + MICRO_BATCH]
+        batch = tokenizer(
+            [prompts[i] for i in chunk], add_special_tokens=False, padding=True, return_tensors="pt"
+        ).to(model.device)
+        with torch.inference_mode():
+            out = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                **options,
+            )
+        for i, tokens in zip(chunk, out[:, batch["input_ids"].shape[1] :].tolist()):
+            ended = any(t in eos_ids for t in tokens)
+            answers[i] = Answer(tokenizer.decode(tokens, skip_special_tokens=True), not ended)
+    return answers
 
 
 def backend(name: str) -> GenerateFn:
@@ -108,7 +133,10 @@ def regenerate_batch(
 ) -> list[list[dict]]:
     """Replace the assistant turns of a batch, one turn index at a time: every answer sees
     the regenerated answers before it. A conversation stops at an assistant turn that does
-    not follow a user turn, or at an empty answer (prepare skips what has no answer left)."""
+    not follow a user turn, at an empty answer (prepare skips what has no answer left), or
+    after an answer cut at max_new_tokens: that answer is kept with `"truncated": true` (prepare
+    then supervises no end-of-turn token after it: the target never chose to stop there), and
+    no later turn is built on a reply the target never finished."""
     sources_ = [cut_turns(c, settings["max_turns"]) for c in conversations]
     done: list[list[dict]] = [[] for _ in sources_]
     position = [0] * len(sources_)
@@ -143,13 +171,18 @@ def regenerate_batch(
             raise SpeculatorsError(
                 settings["backend"], f"returned {len(answers)} answers for {len(pending)} prompts"
             )
-        for i, answer in zip(pending, answers):
+        for i, (text, truncated) in zip(pending, answers):
             counts["answers"] += 1
-            if not answer.strip():
+            if not text.strip():
                 counts["empty_answers"] += 1
                 active.discard(i)
                 continue
-            done[i].append({"role": "assistant", "content": answer})
+            message = {"role": "assistant", "content": text}
+            if truncated:
+                message["truncated"] = True
+                counts["truncated_answers"] += 1
+                active.discard(i)
+            done[i].append(message)
             position[i] += 1
     # Trailing user turns have no answer to learn from.
     for out in done:
@@ -206,7 +239,7 @@ def regenerate_selection(
     (eval rows unchanged) to `output` in selected order; returns the counts."""
     output = Path(output)
     partial = Partial(Path(f"{output}.partial"), settings)
-    counts = {"answers": 0, "empty_answers": 0, "stopped_no_user_turn": 0}
+    counts = {"answers": 0, "empty_answers": 0, "truncated_answers": 0, "stopped_no_user_turn": 0}
     resumed = len(partial.rows)
     size = settings["batch_size"]
     for start in range(0, len(selection.train), size):
@@ -235,6 +268,10 @@ def regenerate_selection(
         for r in selection.eval
     ]
     rows += [partial.rows[p] for p in range(len(selection.train))]
+    # From the rows, not the loop: a resumed run's earlier batches count too.
+    counts["truncated_answers"] = sum(
+        bool(m.get("truncated")) for r in rows for m in r["conversations"]
+    )
     counts.update(train=len(selection.train), eval=len(selection.eval), resumed=resumed)
     with atomic_path(output) as tmp:
         with open(tmp, "w") as f:
@@ -287,11 +324,16 @@ def run(args) -> None:
     started = time.time()
     if not args.output.endswith(".jsonl"):
         raise SpeculatorsError(args.output, "the output must be a .jsonl file")
-    if args.backend == "vllm":
-        from speculators.vllm import vllm_importable  # locates vLLM without importing it
+    from speculators.vllm import find_vllm_python, vllm_importable  # no vLLM import
 
-        if not vllm_importable():
-            return _run_in_vllm_env(args)
+    if args.backend == "auto":
+        # vLLM's continuous batching generates 2.2x the tokens/s of transformers on CPU
+        # (docs/benchmarks.md); without its environment the transformers backend does the work.
+        found = vllm_importable() or find_vllm_python(args.vllm_python) is not None
+        args.backend = "vllm" if found else "transformers"
+        log.info("backend auto: %s", args.backend)
+    if args.backend == "vllm" and not vllm_importable():
+        return _run_in_vllm_env(args)
     generate = backend(args.backend)
     rows = sources.load_rows(args.source, args.split)
     selection = sources.select(rows, args.seed, args.eval_prompts, args.max_samples)
@@ -333,7 +375,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="selection and sampling seed")
     p.add_argument("--max-samples", type=int, default=None, help="training conversations kept")
     p.add_argument("--eval-prompts", type=int, default=64, help="conversations held out")
-    p.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "transformers", "vllm"],
+        default="transformers",
+        help="auto = vllm when its environment is found (see --vllm-python), else transformers",
+    )
     p.add_argument("--max-new-tokens", type=int, default=512, help="longest answer")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when sampling")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from speculators.devices import add_gpus_argument, check_job_gpus
+from speculators.devices import add_gpus_argument, check_job_gpus, compute_dtype, describe
 from speculators.errors import SpeculatorsError
 from speculators.evaluate import add_common_arguments
 from speculators.evaluate.prompts import PromptSpec, follow_up, load_prompts, render_within
@@ -290,12 +290,7 @@ def _device(name: str) -> torch.device:
 
 def _dtype(name: str, device: torch.device, config) -> torch.dtype:
     if name == "auto":
-        # CPUs run fp32 matmuls faster than bf16 and match the baseline bit for bit.
-        return (
-            torch.float32
-            if device.type == "cpu"
-            else getattr(config, "dtype", None) or torch.bfloat16
-        )
+        return compute_dtype(device, getattr(config, "dtype", None) or torch.float32)
     return getattr(torch, name)
 
 
@@ -317,7 +312,10 @@ def load_proposer(draft_dir: Path, device, target_model=None):
     from speculators.models.io import load_draft
 
     embedding = target_model.get_input_embeddings().weight if target_model is not None else None
-    return DraftProposer(load_draft(draft_dir, device=device, embedding=embedding).eval())
+    # The draft is stored in bf16: it computes in what the precision policy makes of that.
+    dtype = compute_dtype(device, torch.bfloat16)
+    draft = load_draft(draft_dir, dtype=dtype, device=device, embedding=embedding)
+    return DraftProposer(draft.eval())
 
 
 def run(args: argparse.Namespace) -> None:
@@ -364,7 +362,7 @@ def run(args: argparse.Namespace) -> None:
             "num_prompts": len(specs),
             "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature,
-            "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+            "device": describe(device),
             "skipped": None,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "aux_layer_ids": info.aux_layer_ids,

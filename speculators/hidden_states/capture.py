@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from speculators.devices import describe, dtype_name, target_compute_dtype
 from speculators.errors import SpeculatorsError
 from speculators.hidden_states.store import SampleStore, dtype_from_name, resolve_layer_ids
 from speculators.targets import target_dims
@@ -203,16 +204,14 @@ def resolve_device(device: str, gpus: int | None = None) -> str:
         if device == "auto":
             return "cuda" if gpus > 0 else "cpu"  # a CPU job leaves a node's GPUs alone
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return _default_device()
     if device == "cuda" and not torch.cuda.is_available():
         raise SpeculatorsError("--device", "cuda requested but no GPU is visible")
     return device
 
 
-def describe_device(device: str) -> str:
-    if device == "cuda":
-        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
-    return f"cpu ({torch.get_num_threads()} threads)"
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_model(target: str, device: str, dtype: torch.dtype):
@@ -248,7 +247,9 @@ def capture_transformers(
     """Capture and write the samples in `todo` with a transformers model."""
     from tqdm import tqdm
 
-    model = load_model(target, device, store.model_dtype)
+    # Computed in the device's precision (fp32 on CPUs without native bf16), stored in the
+    # store's dtype: SampleStore.write casts (fp8: quantises per token).
+    model = load_model(target, device, target_compute_dtype(target, device))
     capture = LayerCapture(model, store.layer_ids)
     first_device = next(model.parameters()).device
     todo_set = set(todo)
@@ -356,6 +357,8 @@ def run(args: argparse.Namespace) -> None:
             "layer_ids": layer_ids,
             "dtype": args.dtype,
             "backend": args.backend,
+            # Samples computed in another precision are not mixed into one capture.
+            "compute_dtype": dtype_name(target_compute_dtype(args.target, device)),
         }
     )
     valid, todo = store.scan(iter_rows(ds, range(len(ds))))
@@ -375,7 +378,7 @@ def run(args: argparse.Namespace) -> None:
             )
     probe = _probe(args, store, lengths, device if args.backend == "transformers" else None)
     if args.backend != "vllm":
-        device = describe_device(device)
+        device = describe(device)
     path = store.finish(
         len(ds),
         target=str(args.target),
@@ -402,4 +405,6 @@ def _probe(args, store: SampleStore, lengths: Sequence[int], device: str | None)
     store.complete(len(lengths))
     if device is None:  # vLLM backend: the engine is gone, its GPU (if any) is free again
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return integrity.probe(args.target, store, indices, device=device, dtype=store.model_dtype)
+    # The capture's own compute precision, so the reference has the capture's numerics.
+    dtype = target_compute_dtype(args.target, device)
+    return integrity.probe(args.target, store, indices, device=device, dtype=dtype)

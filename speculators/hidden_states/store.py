@@ -197,11 +197,6 @@ class SampleStore:
     def quantized(self) -> bool:
         return self.dtype == FP8
 
-    @property
-    def model_dtype(self) -> torch.dtype:
-        """The dtype a backend should produce states in: bf16 for fp8 storage, else the dtype."""
-        return torch.bfloat16 if self.quantized else self.dtype
-
     def path(self, idx: int) -> Path:
         return sample_path(self.output_dir, idx)
 

@@ -11,6 +11,7 @@ import importlib.metadata
 import platform
 from pathlib import Path
 
+from speculators.devices import cpu_summary
 from speculators.fileio import write_json, write_text
 from speculators.report import plots
 from speculators.report.document import Section, to_html, to_markdown
@@ -160,6 +161,7 @@ def provenance_section(inputs: RunInputs) -> Section:
             "report machine",
             f"{platform.node()} ({platform.machine()}, Python {platform.python_version()})",
         ),
+        ("report machine CPU", cpu_summary()),
     ]
     s.table(["setting", "value"], [[k, v] for k, v in kv])
     if inputs.run_config:
@@ -202,19 +204,34 @@ def time_section(inputs: RunInputs) -> Section:
 def data_section(inputs: RunInputs) -> Section:
     s = Section("Data")
     keys = ["rows_in", "rows_out", "conversations_out", "tokens", "supervised_tokens", "mean_length",
-            "max_length", "seq_length", "eval_prompts", "template_mode"]  # fmt: skip
+            "max_length", "seq_length", "eval_prompts", "template_mode",
+            "truncated_answers"]  # fmt: skip
     if inputs.prepared:
         s.table(
             ["dataset", *keys],
             [[name, *(st.get(k) for k in keys)] for name, st in inputs.prepared.items()],
         )
+        # Rows skipped while reading (selection), then while tokenising; turns left out.
         drops = [
-            [n, k, v]
+            [n, stage, k, v]
             for n, st in inputs.prepared.items()
-            for k, v in (st.get("dropped") or {}).items()
+            for stage, counts in (
+                ("read", (st.get("selection") or {}).get("dropped")),
+                ("tokenise", st.get("dropped")),
+                ("tokenise (turns)", st.get("turns_skipped")),
+            )
+            for k, v in (counts or {}).items()
         ]
         if drops:
-            s.table(["dataset", "dropped because", "rows"], drops)
+            s.table(["dataset", "stage", "skipped because", "count"], drops)
+        repairs = [
+            [n, k, v]
+            for n, st in inputs.prepared.items()
+            for k, v in ((st.get("selection") or {}).get("normalised") or {}).items()
+        ]
+        if repairs:
+            s.text("Kept rows repaired by the structure policy (docs/architecture.md):")
+            s.table(["dataset", "repair", "count"], repairs)
     _notes(s, inputs, "data")
     if inputs.data_configs:
         rows = []

@@ -179,11 +179,12 @@ def fingerprint(args, target: Path, data: HiddenStatesData, d2t, t2d) -> dict:
 
 
 def autocast(env, precision: str = "auto"):
-    """bf16 autocast where bf16 matmuls are native (GPUs; CPUs with AMX/AVX512-BF16: 1.6x the
-    tokens/s of fp32 on the demo draft); weights and optimizer state stay fp32 either way."""
-    from speculators.devices import cpu_has_native_bf16
+    """bf16 autocast where the precision policy computes in bf16 (GPUs; CPUs with native bf16:
+    1.6x the tokens/s of fp32 on the demo draft); weights and optimizer state stay fp32 either
+    way. `precision` bf16/fp32 overrides the policy."""
+    from speculators.devices import compute_dtype
 
-    native = env.device.type == "cuda" or cpu_has_native_bf16()
+    native = compute_dtype(env.device) == torch.bfloat16
     if precision == "fp32" or (precision == "auto" and not native):
         return contextlib.nullcontext()
     return torch.autocast(env.device.type, dtype=torch.bfloat16)

