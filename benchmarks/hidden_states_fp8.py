@@ -158,6 +158,33 @@ def capture_bench(args, tmp: Path) -> dict:
                         "summary": summary, "runs": runs}}  # fmt: skip
 
 
+def compress_bench(args, tmp: Path) -> dict:
+    """Would a general-purpose compressor shrink the samples further? zlib and lzma on real
+    SmolLM2 samples, bf16 and fp8 (issue 12's stretch item: measured, not adopted)."""
+    import lzma
+    import zlib
+
+    hs_bench.MODEL, hs_bench.CHATS = args.model, args.chats
+    tokens = _make_prepared(tmp / "cprep", args.rows, args.seq_length)
+    out = {"tokens": tokens}
+    for dtype in ("bfloat16", "float8_e4m3fn"):
+        folder = tmp / f"c_{dtype}"
+        run_cli(["hidden-states", "--target", str(args.model), "--prepared", str(tmp / "cprep"),
+                 "--output", str(folder), "--dtype", dtype, "--probe-rows", "0"])  # fmt: skip
+        raw = b"".join(p.read_bytes() for p in sorted(folder.glob("data_*.pt")))
+        rec = {"bytes_per_token": round(len(raw) / tokens, 1)}
+        for name, fn in (("zlib1", lambda b: zlib.compress(b, 1)),
+                         ("zlib9", lambda b: zlib.compress(b, 9)),
+                         ("lzma1", lambda b: lzma.compress(b, preset=1))):  # fmt: skip
+            t = time.perf_counter()
+            size = len(fn(raw))
+            rec[name] = {"ratio": round(size / len(raw), 3),
+                         "MB_per_s": round(len(raw) / 1e6 / (time.perf_counter() - t), 1)}  # fmt: skip
+        out[dtype] = rec
+        print(dtype, rec, flush=True)
+    return {"compress": out}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=REPO / "resources" / "models" / "smollm2")
@@ -166,7 +193,7 @@ def main() -> None:
     p.add_argument("--seq-length", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--probe-rows", type=int, default=8)
-    p.add_argument("--only", choices=["store", "capture"], default=None)
+    p.add_argument("--only", choices=["store", "capture", "compress"], default=None)
     p.add_argument(
         "--baseline", default=None, help="PYTHONPATH of another checkout: its bf16 capture too"
     )
@@ -174,10 +201,12 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
-        if args.only != "capture":
+        if args.only in (None, "store"):
             result.update(store_bench(Path(tmp)))
-        if args.only != "store":
+        if args.only in (None, "capture"):
             result.update(capture_bench(args, Path(tmp)))
+        if args.only in (None, "compress"):
+            result.update(compress_bench(args, Path(tmp)))
     print(json.dumps(result, indent=2))
 
 
