@@ -177,11 +177,13 @@ def probe(
                 ref_rms[pos].append(r.square().mean(-1).sqrt()[1:])
                 stored_rms[pos].append(s.square().mean(-1).sqrt()[1:])
             top_stored, top_ref = [], []
-            param_dtype = next(head.parameters()).dtype
+            # norm and head may sit on different GPUs (device_map="auto" over several).
+            norm_at = next(norm.parameters()).device
+            head_at, head_dtype = head.weight.device, head.weight.dtype
             for start in range(0, len(ids), CHUNK):
                 for src, top in ((stored[-1], top_stored), (ref[-1], top_ref)):
-                    h = src[start : start + CHUNK].to(first, param_dtype)
-                    top.append(head(norm(h)).argmax(-1).cpu())
+                    h = norm(src[start : start + CHUNK].to(norm_at, head_dtype))
+                    top.append(head(h.to(head_at)).argmax(-1).cpu())
             top_stored, top_ref = torch.cat(top_stored), torch.cat(top_ref)
         target_next = mask[1:].bool()
         supervised += int(target_next.sum())
@@ -283,6 +285,8 @@ def check_folder(
                     f" {100 * MAX_RELATIVE_ERROR:g}% allowed)",
                 )
         fidelity = probe["next_token_agreement"]
+        if min_fidelity > 0 and fidelity is None:
+            log.warning("fidelity probe: no supervised position in the probe rows, not checked")
         if min_fidelity > 0 and fidelity is not None and fidelity < min_fidelity:
             raise SpeculatorsError(
                 output_dir,
