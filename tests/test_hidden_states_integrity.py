@@ -373,6 +373,7 @@ def test_degenerate_survivor_is_regenerated_on_resume(tiny_llama, tmp_path, capl
         torch.save(raw, f)
     assert capture(tiny_llama, prepared, out) == 0
     assert "data_0.pt: layer 2: constant" in caplog.text and "regenerating it" in caplog.text
+    assert config(out)["integrity"]["broken_on_resume"] == 1
     assert main(["verify", str(out)]) == 0
 
 

@@ -192,6 +192,7 @@ class SampleStore:
         self.dtype = dtype
         # idx -> manifest entry and layer statistics of the samples written or checked here.
         self.entries: dict[int, dict] = {}
+        self.broken_on_resume = 0  # files `scan` found broken (unreadable, degenerate, ...)
 
     @property
     def quantized(self) -> bool:
@@ -401,6 +402,7 @@ class SampleStore:
                 valid.append(idx)
                 continue
             if problem != "missing":
+                self.broken_on_resume += 1
                 log.warning("%s: %s; regenerating it", self.path(idx), problem)
                 self.path(idx).unlink(missing_ok=True)
             todo.append(idx)
@@ -452,7 +454,7 @@ class SampleStore:
         )
         manifest = write_manifest(self.output_dir, entries)
         extra = dict(data_config.pop("extra", None) or {})
-        extra["integrity"] = summary
+        extra["integrity"] = {**summary, "broken_on_resume": self.broken_on_resume}
         extra["manifest"] = manifest
         return write_data_config(
             self.output_dir,

@@ -264,7 +264,8 @@ def data_section(inputs: RunInputs) -> Section:
         s.table(
             ["dataset", "dtype", "bytes/token on disk", "bf16 floor", "x floor",
              "next-token agreement", "target's own", "argmax = target", "max rel. error",
-             "samples checked", "non-finite", "degenerate", "RMS outliers"],
+             "samples checked", "non-finite", "degenerate", "RMS outliers",
+             "broken on resume"],
             storage,
         )  # fmt: skip
     sizes = [
@@ -306,6 +307,7 @@ def storage_row(name: str, dc: dict) -> list:
         integrity.get("non_finite_samples"),
         integrity.get("degenerate_layers"),
         integrity.get("rms_outliers"),
+        integrity.get("broken_on_resume"),
     ]
 
 
