@@ -156,7 +156,7 @@ def probe(
     head = model.get_output_embeddings()
     first = next(model.parameters()).device
     n_layers = len(store.layer_ids)
-    sq_err, sq_ref, sq_stored = [0.0] * n_layers, [0.0] * n_layers, [0.0] * n_layers
+    sq_err, sq_ref = [0.0] * n_layers, [0.0] * n_layers
     ref_rms: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     stored_rms: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     agree = ref_agree = same = supervised = tokens = 0
@@ -173,7 +173,6 @@ def probe(
                 s, r = stored[pos], ref[pos]
                 sq_err[pos] += float((s - r).square().sum())
                 sq_ref[pos] += float(r.square().sum())
-                sq_stored[pos] += float(s.square().sum())
                 ref_rms[pos].append(r.square().mean(-1).sqrt()[1:])
                 stored_rms[pos].append(s.square().mean(-1).sqrt()[1:])
             top_stored, top_ref = [], []
