@@ -32,9 +32,12 @@ rule hidden_states_capture:
         tp=lookup(dpath="runs/{run}/hidden_states/tensor_parallel_size", within=config),
         dp=lookup(dpath="runs/{run}/hidden_states/data_parallel_size", within=config),
         gpus=lookup(dpath="runs/{run}/hidden_states/gpus", within=config),
+        probe_rows=lookup(dpath="runs/{run}/hidden_states/probe_rows", within=config),
+        min_fidelity=min_fidelity_flag,
     shell:
         "speculators hidden-states --target {params.target:q} --prepared {input.prepared:q}"
         " --output {params.outdir:q} {params.layer_ids} --dtype {params.dtype}"
         " --batch-tokens {params.batch_tokens} --backend {params.backend}"
         " --gpus {params.gpus} --tensor-parallel-size {params.tp} --data-parallel-size {params.dp}"
+        " --probe-rows {params.probe_rows} {params.min_fidelity}"
         " {params.vllm_python} > {log:q} 2>&1"

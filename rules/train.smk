@@ -8,6 +8,7 @@ rule train_draft:
         data_configs=run_data_configs,
         d2t=run_d2t,
         t2d=run_t2d,
+        token_freq=run_token_freq,
         target=target_input,
     output:
         directory("results/{run}/draft"),
@@ -48,7 +49,8 @@ rule train_draft:
         nnodes=lookup(dpath="runs/{run}/train/nodes", within=config),
     shell:
         "speculators train --target {params.target:q} --data {params.data}"
-        " --d2t {input.d2t:q} --t2d {input.t2d:q} --output {output:q}"
+        " --d2t {input.d2t:q} --t2d {input.t2d:q} --token-freq {input.token_freq:q}"
+        " --output {output:q}"
         " --work-dir {params.work_dir:q} --num-layers {params.num_layers}"
         " --ttt-steps {params.ttt_steps} --ttt-step-loss-decay {params.decay}"
         " --epochs {params.epochs} --lr {params.lr} --weight-decay {params.weight_decay}"

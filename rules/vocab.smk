@@ -1,5 +1,6 @@
 # Stage 2b: the draft vocabulary (d2t.npy, t2d.npy) from a run's combined token counts.
-# The draft vocab size is in the path, so a mapping for another size is never picked up.
+# The draft vocab size is in the path, so a mapping for another size is never picked up;
+# vocab.json records the sha256 of the token_freq.pt it came from (train checks it).
 
 
 rule vocab_mapping:
@@ -9,6 +10,7 @@ rule vocab_mapping:
     output:
         d2t="results/{run}/vocab/{vocab_size}/d2t.npy",
         t2d="results/{run}/vocab/{vocab_size}/t2d.npy",
+        record="results/{run}/vocab/{vocab_size}/vocab.json",
     log:
         "logs/vocab/mapping/{run}/{vocab_size}.log",
     benchmark:

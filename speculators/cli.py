@@ -35,6 +35,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "speculators.hidden_states.capture",
         "capture the target's hidden states per sample",
     ),
+    "verify": (
+        "speculators.hidden_states.integrity",
+        "check a hidden-states folder in full: sizes, hashes, schema, finite, non-degenerate",
+    ),
     "vocab": ("speculators.vocab", "build d2t.npy / t2d.npy from token frequencies"),
     "train": ("speculators.train.trainer", "train an EAGLE-3 draft (single process or torchrun)"),
     "evaluate": ("speculators.evaluate.inprocess", "measure acceptance length with transformers"),

@@ -2,11 +2,13 @@
 
 The draft predicts only the `draft_vocab_size` most frequent supervised tokens; `d2t` maps a
 draft id i to the target id `i + d2t[i]` (what vLLM reads), `t2d` marks those target ids.
+`vocab.json` records the sha256 of the token_freq.pt used (`check_vocab_source`).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 from pathlib import Path
 
@@ -14,10 +16,14 @@ import numpy as np
 import torch
 
 from speculators.errors import SpeculatorsError
-from speculators.fileio import atomic_path
+from speculators.fileio import atomic_path, read_json, write_json
 from speculators.targets import target_dims
 
 log = logging.getLogger(__name__)
+
+# Beside d2t.npy/t2d.npy: the sha256 of the token_freq.pt they were built from (and their own),
+# so `train --token-freq` refuses a mapping made from other data.
+VOCAB_RECORD = "vocab.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -86,6 +92,29 @@ def build_mapping(counts: np.ndarray, draft_vocab_size: int) -> tuple[np.ndarray
     return d2t, t2d
 
 
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_vocab_source(vocab_dir: Path, token_freq: Path) -> None:
+    """The vocab folder must record (in vocab.json) the sha256 of `token_freq`: a mapping built
+    from other data (or of another size left in place) stops with one line, never reused."""
+    record = Path(vocab_dir) / VOCAB_RECORD
+    if not record.is_file():
+        raise SpeculatorsError(
+            record,
+            "missing: this vocabulary's source is unknown; rebuild it with `speculators vocab`",
+        )
+    info = read_json(record)
+    digest = file_sha256(token_freq)
+    if info.get("token_freq_sha256") != digest:
+        raise SpeculatorsError(
+            record,
+            f"built from token counts with sha256 {str(info.get('token_freq_sha256'))[:12]}...,"
+            f" not from {token_freq} ({digest[:12]}...): a mapping of other data",
+        )
+
+
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)  # a file object: np.save would append ".npy" to the temporary name
@@ -125,4 +154,15 @@ def run(args: argparse.Namespace) -> None:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     _save_npy(args.output_dir / "t2d.npy", t2d)
     _save_npy(args.output_dir / "d2t.npy", d2t)
+    write_json(
+        args.output_dir / VOCAB_RECORD,
+        {
+            "token_freq": str(args.token_freq),
+            "token_freq_sha256": file_sha256(args.token_freq),
+            "draft_vocab_size": args.draft_vocab_size,
+            "vocab_size": vocab_size,
+            "d2t_sha256": file_sha256(args.output_dir / "d2t.npy"),
+            "t2d_sha256": file_sha256(args.output_dir / "t2d.npy"),
+        },
+    )
     log.info("wrote %s and %s", args.output_dir / "d2t.npy", args.output_dir / "t2d.npy")

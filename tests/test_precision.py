@@ -118,7 +118,7 @@ def test_every_stage_computes_in_the_policy_dtype_and_stores_bf16(
     )
     prepared = make_prepared(tmp_path / "prepared", LENGTHS[:3])
     assert capture(bf16_target, prepared, tmp_path / "hs") == 0
-    assert [m.dtype for m in loaded] == [want]
+    assert [m.dtype for m in loaded] == [want, want]  # the capture, then the fidelity probe
     assert all(s.dtype == torch.bfloat16 for s in load(tmp_path / "hs", 0)["hidden_states"])
 
     env = types.SimpleNamespace(device=torch.device("cpu"))

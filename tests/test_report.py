@@ -40,6 +40,11 @@ def run_files(tmp_path):
         "package_versions": {"torch": "2.13.0", "transformers": "5.24.0", "vllm": None},
         "target": {"path": "resources/models/tiny", "hidden_size": 128, "vocab_size": 577, "num_hidden_layers": 4},
         "data": {"num_samples": 38, "total_tokens": 5000, "num_loss_tokens": 2100},
+        "manifest": {"total_bytes": 2_736_000},
+        "integrity": {"checked_samples": 38, "non_finite_samples": 0, "degenerate_layers": 0,
+                      "rms_outliers": 0, "probe": {"next_token_agreement": 0.9934,
+                      "reference_next_token_agreement": 0.9967, "argmax_agreement_with_target": 0.981,
+                      "layers": {"4": {"relative_error": 0.0312}}}},
         "layer_ids": [1, 2, 3, 4]}))  # fmt: skip
     draft = res / "draft"
     draft.mkdir()
@@ -125,6 +130,10 @@ def test_report_renders_every_section(run_files):
     assert html.count("data:image/png;base64,") == 4
     assert 'src="http' not in html
     assert "1.45" in md and "2100" in md  # acceptance length, supervised tokens
+    # storage per token vs the bf16 floor (4 x 128 x 2), the probe, the integrity counts
+    assert (
+        "| chats | bfloat16 | 547.2 | 1024 | 0.534 | 99.34% | 99.67% | 98.10% | 3.12% | 38 |" in md
+    )
     assert summary["acceptance_length"] == {"transformers": {"1": 1.3, "3": 1.45}}
     assert summary["num_layers"] == 1 and summary["datasets"] == {"chats": 38}
 

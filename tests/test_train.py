@@ -399,8 +399,14 @@ def test_sample_file_that_disagrees_with_data_config_is_named(tiny_llama, chat_s
     data = write_random_states(tmp_path / "hs", tiny_llama, [20, 30, 25, 22])
     bad = write_random_states(tmp_path / "other", tiny_llama, [20], layer_ids=(2, 4))
     (bad / "data_0.pt").replace(data / "data_2.pt")  # 2 states where 4 are expected
-    with pytest.raises(SpeculatorsError, match=r"data_2.pt: 2 hidden-state tensors"):
+    # Opening the data already sees the size differ from manifest.json ...
+    with pytest.raises(SpeculatorsError, match=r"data_2.pt: \d+ bytes but manifest.json says"):
         trainer.run(train_args(tiny_llama, data, d2t, t2d, tmp_path, "--val-fraction", 0))
+    # ... and loading it (a folder captured before manifests) names what is wrong inside.
+    from speculators.train.data import SampleRef, load_sample
+
+    with pytest.raises(SpeculatorsError, match=r"data_2.pt: 2 hidden-state tensors"):
+        load_sample(SampleRef(data / "data_2.pt", 24), num_states=4, hidden_size=128)
 
 
 def test_vocab_mapping_of_another_vocab_size_is_refused(tiny_llama, chat_states, tmp_path):
@@ -425,10 +431,13 @@ def test_empty_dataset_is_refused(tiny_llama, chat_states, tmp_path):
 
 
 def _poison(folder, idx):
+    """A NaN in sample `idx`, file size unchanged (the capture itself refuses NaN; this is a
+    file damaged afterwards, which only the sha256 in manifest.json would notice)."""
     path = folder / f"data_{idx}.pt"
     sample = torch.load(path, weights_only=True)
     sample["hidden_states"][0][3, 5] = float("nan")
-    torch.save(sample, path)
+    with open(path, "wb") as f:  # a file object, as the store writes: same archive name
+        torch.save(sample, f)
 
 
 def test_nan_batch_is_skipped_counted_and_its_file_named(tiny_llama, chat_states, tmp_path, caplog):

@@ -218,6 +218,32 @@ def test_vllm_hidden_states_equal_transformers_backend(tiny_llama, tmp_path):
 
 @pytest.mark.vllm
 @needs_vllm
+def test_vllm_backend_writes_fp8_through_the_same_store(tiny_llama, tmp_path):
+    """--dtype float8_e4m3fn: the engine runs in bf16, SampleStore.write quantises per token;
+    the probe and the integrity checks run in the vLLM interpreter as well."""
+    from speculators.hidden_states.store import sample_states
+
+    prepared = prepared_dataset(tmp_path / "prepared", tiny_llama)
+    common = ["--target", str(tiny_llama), "--prepared", str(prepared), "--layer-ids", "1", "2",
+              "3", "4"]  # fmt: skip
+    vllm_out, hf_out = tmp_path / "vllm", tmp_path / "hf"
+    argv = ["hidden-states", *common, "--output", str(vllm_out), "--backend", "vllm"]
+    assert main([*argv, "--dtype", "float8_e4m3fn", "--vllm-python", str(VLLM_PYTHON)]) == 0
+    assert main(["hidden-states", *common, "--output", str(hf_out), "--dtype", "float32"]) == 0
+    config = json.loads((vllm_out / "data_config.json").read_text())
+    assert config["format_version"] == 2 and config["backend"] == "vllm"
+    assert config["integrity"]["probe"]["rows"] > 0
+    assert main(["verify", str(vllm_out)]) == 0
+    for i in range(6):
+        got = torch.load(vllm_out / f"data_{i}.pt", weights_only=True)
+        want = torch.load(hf_out / f"data_{i}.pt", weights_only=True)
+        assert all(g.dtype == torch.float8_e4m3fn for g in got["hidden_states"])
+        for g, w in zip(sample_states(got), want["hidden_states"]):
+            assert (g - w).norm() / w.norm() < 0.05  # fp8 rounding + bf16 engine
+
+
+@pytest.mark.vllm
+@needs_vllm
 def test_vllm_serves_a_saved_two_layer_draft_and_reports_acceptance(
     tiny_llama, tmp_path, chat_jsonl
 ):

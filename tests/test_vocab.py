@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 
@@ -84,7 +85,10 @@ def test_vocab_command_writes_npy_files(tiny_llama, tmp_path):
     assert d2t.dtype == np.int64 and t2d.dtype == np.bool_
     assert t2d.shape == (vocab_size_of(tiny_llama),)
     assert (np.arange(3) + d2t).tolist() == [3, 12, 40]
-    assert sorted(p.name for p in out.iterdir()) == ["d2t.npy", "t2d.npy"]
+    assert sorted(p.name for p in out.iterdir()) == ["d2t.npy", "t2d.npy", "vocab.json"]
+    record = json.loads((out / "vocab.json").read_text())
+    digest = hashlib.sha256((tmp_path / "token_freq.pt").read_bytes()).hexdigest()
+    assert record["token_freq_sha256"] == digest and record["draft_vocab_size"] == 3
 
 
 def test_count_tensor_is_accepted(tiny_llama, tmp_path):

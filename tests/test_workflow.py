@@ -34,3 +34,15 @@ def test_asset_rule_runs_then_nothing_to_be_done(tmp_path):
     second = run_snakemake(tmp_path, target, configfile=cfg)
     assert second.returncode == 0
     assert "Nothing to be done" in second.stdout + second.stderr
+
+
+def test_capture_and_train_commands_carry_the_integrity_flags(tmp_path):
+    """The default run regenerates its dataset greedily: its capture must reach 0.8 next-token
+    agreement on the probe; training checks the vocabulary against the run's token counts."""
+    proc = run_snakemake(tmp_path, "-n", "-p", configfile=REPO / "config" / "config.yaml")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    capture = [line for line in out.splitlines() if "speculators hidden-states" in line]
+    assert capture and all("--probe-rows 8 --min-fidelity 0.8" in line for line in capture)
+    train = [line for line in out.splitlines() if "speculators train" in line]
+    assert train and all("--token-freq results/" in line for line in train), train

@@ -41,7 +41,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="aux layer ids then L (vLLM convention); default 2 L//2 L-3 L",
     )
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32", "float8_e4m3fn"],
+        default="bfloat16",
+        help="stored dtype; float8_e4m3fn = fp8 with one float32 scale per token and layer",
+    )
+    p.add_argument(
+        "--probe-rows",
+        type=int,
+        default=8,
+        help="rows rerun through the target to check the stored states (0 = no probe)",
+    )
+    p.add_argument(
+        "--min-fidelity",
+        type=float,
+        default=0.0,
+        help="fail when the LM head on stored last layers predicts fewer next tokens (0-1)",
+    )
     p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward batch")
     p.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -231,7 +248,7 @@ def capture_transformers(
     from tqdm import tqdm
 
     # Computed in the device's precision (fp32 on CPUs without native bf16), stored in the
-    # store's dtype: SampleStore.write casts.
+    # store's dtype: SampleStore.write casts (fp8: quantises per token).
     model = load_model(target, device, target_compute_dtype(target, device))
     capture = LayerCapture(model, store.layer_ids)
     first_device = next(model.parameters()).device
@@ -307,6 +324,7 @@ def _run_in_vllm_env(args) -> None:
 
     argv = ["hidden-states", "--target", str(args.target), "--prepared", str(args.prepared)]
     argv += ["--output", str(args.output), "--dtype", args.dtype, "--backend", "vllm"]
+    argv += ["--probe-rows", str(args.probe_rows), "--min-fidelity", str(args.min_fidelity)]
     if args.layer_ids is not None:
         argv += ["--layer-ids", *map(str, args.layer_ids)]
     argv += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
@@ -318,6 +336,8 @@ def _run_in_vllm_env(args) -> None:
 def run(args: argparse.Namespace) -> None:
     if args.batch_tokens < 1:
         raise SpeculatorsError("--batch-tokens", "must be at least 1")
+    if not 0.0 <= args.min_fidelity <= 1.0:
+        raise SpeculatorsError("--min-fidelity", f"{args.min_fidelity} is not between 0 and 1")
     from speculators.vllm import vllm_importable  # locates vLLM without importing it
 
     if args.backend == "vllm" and not vllm_importable():
@@ -356,6 +376,8 @@ def run(args: argparse.Namespace) -> None:
             capture_transformers(
                 args.target, ds, lengths, todo, store, device=device, batch_tokens=args.batch_tokens
             )
+    probe = _probe(args, store, lengths, device if args.backend == "transformers" else None)
+    if args.backend != "vllm":
         device = describe(device)
     path = store.finish(
         len(ds),
@@ -367,5 +389,22 @@ def run(args: argparse.Namespace) -> None:
         num_loss_tokens=num_loss_tokens,
         backend=args.backend,
         device=device,
+        probe=probe,
+        min_fidelity=args.min_fidelity,
     )
     log.info("wrote %s", path)
+
+
+def _probe(args, store: SampleStore, lengths: Sequence[int], device: str | None) -> dict | None:
+    """The fidelity probe (integrity.probe) on `--probe-rows` stored rows, or None."""
+    from speculators.hidden_states import integrity
+
+    indices = integrity.probe_indices(lengths, args.probe_rows)
+    if not indices:
+        return None
+    store.complete(len(lengths))
+    if device is None:  # vLLM backend: the engine is gone, its GPU (if any) is free again
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    # The capture's own compute precision, so the reference has the capture's numerics.
+    dtype = target_compute_dtype(args.target, device)
+    return integrity.probe(args.target, store, indices, device=device, dtype=dtype)

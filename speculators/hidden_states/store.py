@@ -11,22 +11,35 @@ API for a backend:
 - `SampleStore(output_dir, hidden_size=H, layer_ids=ids, dtype=torch.bfloat16)`:
   - `.write(idx, input_ids, hidden_states, loss_mask)` validates shapes (`input_ids` [seq],
     `hidden_states` a list of `len(layer_ids)` tensors [seq, H] on any device/dtype,
-    `loss_mask` [seq]), casts to the store dtype, copies every tensor into its own compact
-    storage and writes `data_{idx}.pt` atomically (temp name, then rename). Bytes are a pure
-    function of the tensors, so a rerun writes identical files.
+    `loss_mask` [seq]), checks every layer (finite, not degenerate: `integrity.py`), casts to
+    the store dtype -- or, for `float8_e4m3fn`, quantises each token of each layer with its own
+    scale (`quantize`) -- copies every tensor into its own compact storage and writes
+    `data_{idx}.pt` atomically (temp name, then rename), recording its size and sha256 for the
+    manifest. Bytes are a pure function of the tensors, so a rerun writes identical files.
   - `.check(idx, input_ids, loss_mask)` -> None if the file is present and valid for that
     prepared row, else a one-line problem.
   - `.scan(rows)` with `rows` an iterable of `(idx, input_ids, loss_mask)`: returns
     `(valid, todo)` index lists and logs every broken file it will regenerate. Call
     `.begin(settings)` first: it drops samples made with other settings.
-  - `.finish(...)` checks every index is present, removes stale extras and writes
-    `data_config.json` last (via `write_data_config`).
+  - `.finish(...)` checks every index is present, removes stale extras, writes `manifest.json`
+    (size + sha256 + per-layer statistics of every sample) and `data_config.json` last (via
+    `write_data_config`).
+
+Readers: `read_sample(path)` loads a file, `sample_states(sample, dtype)` returns its states
+dequantised into `dtype` ([seq, H] per layer id) whatever the stored format.
+
+Formats (`data_config.json` `format_version`): 1 = bf16/fp32 states (what every earlier
+version wrote, byte for byte); 2 = fp8 states plus `hidden_states_scale` (float32
+[num_layers, seq]): state = fp8 value x scale of its token and layer. A reader that knows only
+version 1 refuses version 2 with one line (`read_data_config`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import importlib.metadata
+import io
 import json
 import logging
 import os
@@ -43,12 +56,19 @@ from speculators.fileio import atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # bf16 / fp32 states: the files every earlier version wrote
+FP8_FORMAT_VERSION = 2  # fp8 states + per-token scales; readers of version 1 refuse it
+FORMAT_VERSIONS = (FORMAT_VERSION, FP8_FORMAT_VERSION)
 FILE_PATTERN = "data_{idx}.pt"
 DATA_CONFIG = "data_config.json"
+MANIFEST = "manifest.json"
 # Settings of the run that made the samples; a resume with other settings starts over.
 SETTINGS_FILE = "capture_settings.json"
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+SCALE_KEY = "hidden_states_scale"
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float8_e4m3fn": FP8}
+SAMPLE_KEYS = {"input_ids", "hidden_states", "loss_mask"}
 
 
 def default_layer_ids(num_hidden_layers: int) -> list[int]:
@@ -90,6 +110,69 @@ def _own_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def quantize(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's states [seq, H] (any float dtype) -> (float8_e4m3fn [seq, H], float32 [seq]).
+
+    Each token is scaled so that its largest magnitude maps to 448, e4m3's largest value:
+    `scale = amax / 448` (1.0 for an all-zero token), `q = fp8(clamp(x / scale))`. The relative
+    rounding error is at most 2^-4 per element. Deterministic: same input, same bytes.
+    """
+    x = state.detach().to("cpu")
+    amax = x.abs().amax(dim=-1).float()  # exact in the input dtype
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    y = x.to(torch.float32, copy=True)
+    y.div_(scale[:, None]).clamp_(-FP8_MAX, FP8_MAX)
+    return y.to(FP8).contiguous(), scale.contiguous()
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """fp8 states [seq, H] and their float32 scales [seq] -> states [seq, H] in `dtype`."""
+    return (q.to(torch.float32) * scale.to(torch.float32)[:, None]).to(dtype)
+
+
+def read_sample(path: str | os.PathLike, *, mmap: bool = False) -> dict:
+    """The raw dict of `data_{idx}.pt`; SpeculatorsError naming the file if it cannot be read."""
+    try:
+        return torch.load(path, weights_only=True, mmap=mmap)
+    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError, KeyError) as e:
+        raise SpeculatorsError(
+            path, f"unreadable sample ({str(e).splitlines()[0].split('. ')[0][:120]})"
+        ) from None
+
+
+def sample_states(
+    sample: dict, dtype: torch.dtype | None = torch.float32, where: object = "sample"
+) -> list[torch.Tensor]:
+    """The hidden states of a loaded sample in `dtype`, one [seq, H] per layer id.
+
+    fp8 states are dequantised with their per-token scales (into float32 when `dtype` is
+    None; other states then stay as stored); an fp8 sample without valid scales (or scales
+    beside non-fp8 states) raises SpeculatorsError naming `where`.
+    """
+    states = sample.get("hidden_states")
+    if not isinstance(states, list) or not all(isinstance(t, torch.Tensor) for t in states):
+        raise SpeculatorsError(where, "no list of hidden-state tensors in the sample")
+    scale = sample.get(SCALE_KEY)
+    fp8 = [t.dtype == FP8 for t in states]
+    if any(fp8) and not all(fp8):
+        raise SpeculatorsError(where, "fp8 and non-fp8 hidden states mixed in one sample")
+    if not any(fp8):
+        if scale is not None:
+            raise SpeculatorsError(where, f"{SCALE_KEY} beside {states[0].dtype} states")
+        return list(states) if dtype is None else [t.to(dtype) for t in states]
+    seq = states[0].shape[0] if states else 0
+    if not (
+        isinstance(scale, torch.Tensor)
+        and scale.dtype == torch.float32
+        and tuple(scale.shape) == (len(states), seq)
+    ):
+        got = tuple(scale.shape) if isinstance(scale, torch.Tensor) else "none"
+        raise SpeculatorsError(
+            where, f"fp8 states need float32 {SCALE_KEY} [{len(states)}, {seq}], got {got}"
+        )
+    return [dequantize(t, s, dtype or torch.float32) for t, s in zip(states, scale)]
+
+
 class SampleStore:
     """Reads, checks and writes the `data_{idx}.pt` files of one output folder."""
 
@@ -101,10 +184,19 @@ class SampleStore:
         layer_ids: Sequence[int],
         dtype: torch.dtype = torch.bfloat16,
     ):
+        if dtype not in DTYPES.values():
+            raise SpeculatorsError("hidden_states.dtype", f"{dtype} is not one of {sorted(DTYPES)}")
         self.output_dir = Path(output_dir)
         self.hidden_size = hidden_size
         self.layer_ids = list(layer_ids)
         self.dtype = dtype
+        # idx -> manifest entry and layer statistics of the samples written or checked here.
+        self.entries: dict[int, dict] = {}
+        self.broken_on_resume = 0  # files `scan` found broken (unreadable, degenerate, ...)
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype == FP8
 
     def path(self, idx: int) -> Path:
         return sample_path(self.output_dir, idx)
@@ -138,26 +230,57 @@ class SampleStore:
                     f"hidden state shape {tuple(t.shape)} != ({seq}, {self.hidden_size}):"
                     " width or length differs from the target/prepared row",
                 )
+        from speculators.hidden_states import integrity
+
+        # Finite, not all zero, not constant: checked before anything is written.
+        stats = integrity.layer_stats(hidden_states)
+        integrity.check_layers(stats, self.layer_ids, where)
         sample = {
             "input_ids": _own_copy(input_ids, torch.long),
-            "hidden_states": [_own_copy(t, self.dtype) for t in hidden_states],
+            "hidden_states": [],
             "loss_mask": _own_copy(loss_mask, torch.long),
         }
+        if self.quantized:
+            pairs = [quantize(t) for t in hidden_states]
+            sample["hidden_states"] = [q for q, _ in pairs]
+            sample[SCALE_KEY] = torch.stack([s for _, s in pairs])
+        else:
+            sample["hidden_states"] = [_own_copy(t, self.dtype) for t in hidden_states]
+        # A file object (not a path) keeps the archive's inner name fixed ("archive"), so the
+        # bytes do not depend on the temporary file name; hashed in memory, then written.
+        buffer = io.BytesIO()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         try:
+            torch.save(sample, buffer)
+            data = buffer.getvalue()
             with atomic_path(where) as tmp:
-                # A file object (not a path) keeps the archive's inner name fixed ("archive"),
-                # so the bytes do not depend on the temporary file name.
                 with open(tmp, "wb") as f:
-                    torch.save(sample, f)
+                    f.write(data)
         except OSError as e:  # a full disk or a lost mount: the samples already written stay
             raise SpeculatorsError(where, f"cannot write ({e.strerror or e})") from None
+        self.entries[idx] = {
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "tokens": seq,
+            "layer_rms": [st["token_rms"] for st in stats],
+        }
         return where
 
     # -- checking ----------------------------------------------------------------------------
 
-    def check(self, idx: int, input_ids: Sequence[int], loss_mask: Sequence[int]) -> str | None:
-        """None if `data_{idx}.pt` exists and matches the prepared row, else what is wrong."""
+    def check(
+        self,
+        idx: int,
+        input_ids: Sequence[int],
+        loss_mask: Sequence[int],
+        *,
+        compare_rows: bool = True,
+    ) -> str | None:
+        """None if `data_{idx}.pt` exists and matches the prepared row, else what is wrong.
+
+        `compare_rows=False` checks only the lengths of `input_ids`/`loss_mask` (verify has
+        no prepared rows), not their values.
+        """
         path = self.path(idx)
         if not path.exists():
             return "missing"
@@ -166,23 +289,28 @@ class SampleStore:
             sample = torch.load(path, weights_only=True, mmap=True)
         except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
             return f"unreadable ({str(e).splitlines()[0].split('. ')[0][:120]})"
-        if not isinstance(sample, dict) or set(sample) != {
-            "input_ids",
-            "hidden_states",
-            "loss_mask",
-        }:
-            return "not a hidden-states sample"
+        return self.check_sample(sample, input_ids, loss_mask, compare_rows=compare_rows)
+
+    def check_sample(
+        self, sample, input_ids: Sequence[int], loss_mask: Sequence[int], *, compare_rows=True
+    ) -> str | None:
+        """`check` on a loaded sample: None if it fits the prepared row, else what is wrong."""
+        keys = SAMPLE_KEYS | ({SCALE_KEY} if self.quantized else set())
+        if not isinstance(sample, dict) or set(sample) != keys:
+            return "not a hidden-states sample" + (
+                " of this format" if isinstance(sample, dict) else ""
+            )
         seq = len(input_ids)
         ids, mask, states = sample["input_ids"], sample["loss_mask"], sample["hidden_states"]
         if not (isinstance(ids, torch.Tensor) and ids.dtype == torch.long and ids.shape == (seq,)):
             return f"input_ids are not a LongTensor of length {seq}"
-        if not torch.equal(ids, torch.as_tensor(input_ids, dtype=torch.long)):
+        if compare_rows and not torch.equal(ids, torch.as_tensor(input_ids, dtype=torch.long)):
             return "input_ids differ from the prepared row"
         if not (
             isinstance(mask, torch.Tensor) and mask.dtype == torch.long and mask.shape == (seq,)
         ):
             return f"loss_mask is not a LongTensor of length {seq}"
-        if not torch.equal(mask, torch.as_tensor(loss_mask, dtype=torch.long)):
+        if compare_rows and not torch.equal(mask, torch.as_tensor(loss_mask, dtype=torch.long)):
             return "loss_mask differs from the prepared row"
         if not isinstance(states, list) or len(states) != len(self.layer_ids):
             return f"expected {len(self.layer_ids)} hidden-state tensors"
@@ -191,7 +319,41 @@ class SampleStore:
                 return f"hidden state is not [{seq}, {self.hidden_size}]"
             if t.dtype != self.dtype:
                 return f"hidden state dtype {t.dtype} != {self.dtype}"
+        if self.quantized:
+            scale = sample[SCALE_KEY]
+            if not (
+                isinstance(scale, torch.Tensor)
+                and scale.dtype == torch.float32
+                and scale.shape == (len(self.layer_ids), seq)
+            ):
+                return f"{SCALE_KEY} is not float32 [{len(self.layer_ids)}, {seq}]"
         return None
+
+    def inspect(self, idx: int, seq: int | None = None) -> dict:
+        """Read a whole sample file once: its manifest entry (bytes, sha256, layer RMS), after
+        the integrity checks of `integrity.check_layers` and, with `seq`, the schema of `check`
+        for a row of that length (SpeculatorsError naming the file, and the layer)."""
+        from speculators.hidden_states import integrity
+
+        path = self.path(idx)
+        data = path.read_bytes()
+        sample = read_sample(io.BytesIO(data)) if data else read_sample(path)
+        if seq is not None:
+            problem = self.check_sample(sample, [0] * seq, [0] * seq, compare_rows=False)
+            if problem:
+                raise SpeculatorsError(path, problem)
+        # Statistics accumulate in fp32 whatever the dtype: no fp32 copy of bf16 states.
+        states = sample_states(sample, None, path)
+        stats = integrity.layer_stats(states)
+        integrity.check_layers(stats, self.layer_ids, path)
+        entry = {
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "tokens": int(states[0].shape[0]) if states else 0,
+            "layer_rms": [st["token_rms"] for st in stats],
+        }
+        self.entries[idx] = entry
+        return entry
 
     def begin(self, settings: dict) -> None:
         """Start or resume: samples made with different settings are deleted, not trusted."""
@@ -231,16 +393,23 @@ class SampleStore:
         for idx, input_ids, loss_mask in rows:
             problem = self.check(idx, input_ids, loss_mask)
             if problem is None:
+                # The whole file: its hash for the manifest, and no NaN or degenerate layer.
+                try:
+                    self.inspect(idx)
+                except SpeculatorsError as e:
+                    problem = e.problem
+            if problem is None:
                 valid.append(idx)
                 continue
             if problem != "missing":
+                self.broken_on_resume += 1
                 log.warning("%s: %s; regenerating it", self.path(idx), problem)
                 self.path(idx).unlink(missing_ok=True)
             todo.append(idx)
         return valid, todo
 
-    def finish(self, num_samples: int, **data_config) -> Path:
-        """Check all `num_samples` files exist, drop stale extras, write data_config.json last."""
+    def complete(self, num_samples: int) -> None:
+        """Check all `num_samples` files exist and drop stale extras beyond them."""
         missing = [i for i in range(num_samples) if not self.path(i).exists()]
         if missing:
             raise SpeculatorsError(
@@ -257,13 +426,78 @@ class SampleStore:
             )
             for i in stale:
                 self.path(i).unlink()
+                self.entries.pop(i, None)
+
+    def finish(
+        self,
+        num_samples: int,
+        *,
+        probe: dict | None = None,
+        min_fidelity: float = 0.0,
+        **data_config,
+    ) -> Path:
+        """Check all `num_samples` files exist, drop stale extras, check the folder's integrity
+        (`integrity.check_folder`: every sample's layer RMS against the probe, the probe's
+        fidelity against `min_fidelity`), write `manifest.json`, then data_config.json last.
+
+        Samples written by another process (vLLM data parallel) are read and hashed here.
+        """
+        from speculators.hidden_states import integrity
+
+        self.complete(num_samples)
+        for i in range(num_samples):
+            if i not in self.entries:
+                self.inspect(i)
+        entries = [self.entries[i] for i in range(num_samples)]
+        summary = integrity.check_folder(
+            self.output_dir, entries, self.layer_ids, probe=probe, min_fidelity=min_fidelity
+        )
+        manifest = write_manifest(self.output_dir, entries)
+        extra = dict(data_config.pop("extra", None) or {})
+        extra["integrity"] = {**summary, "broken_on_resume": self.broken_on_resume}
+        extra["manifest"] = manifest
         return write_data_config(
             self.output_dir,
             layer_ids=self.layer_ids,
             dtype=self.dtype,
             hidden_size=self.hidden_size,
+            extra=extra,
             **data_config,
         )
+
+
+# -- manifest.json -----------------------------------------------------------------------------
+
+
+def write_manifest(output_dir: str | os.PathLike, entries: Sequence[dict]) -> dict:
+    """Write `manifest.json` (sample i's `bytes` and `sha256`, in index order); returns the
+    summary recorded in data_config.json: file name, its sha256, sample count, total bytes."""
+    samples = [
+        {"file": FILE_PATTERN.format(idx=i), "bytes": e["bytes"], "sha256": e["sha256"]}
+        for i, e in enumerate(entries)
+    ]
+    body = {"algorithm": "sha256", "num_samples": len(samples), "samples": samples}
+    text = json.dumps(body, indent=1) + "\n"
+    path = Path(output_dir) / MANIFEST
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return {
+        "file": MANIFEST,
+        "sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "num_samples": len(samples),
+        "total_bytes": sum(e["bytes"] for e in samples),
+    }
+
+
+def read_manifest(folder: str | os.PathLike, num_samples: int) -> list[dict]:
+    """The `num_samples` entries of a folder's manifest.json (one-line error if absent/foreign)."""
+    path = Path(folder) / MANIFEST
+    body = read_json(path)
+    samples = body.get("samples") if isinstance(body, dict) else None
+    if not isinstance(samples, list) or len(samples) != num_samples:
+        got = len(samples) if isinstance(samples, list) else "no"
+        raise SpeculatorsError(path, f"{got} entries, data_config.json has {num_samples} samples")
+    return samples
 
 
 # -- data_config.json --------------------------------------------------------------------------
@@ -308,8 +542,32 @@ def write_data_config(
     """Write `data_config.json` (atomically); call only once every sample file is in place."""
     dtype_name = _dtype_name(dtype)
     lengths = [int(n) for n in sample_lengths]
+    fp8 = dtype == FP8
+    schema = {
+        "input_ids": {"dtype": "torch.int64", "shape": "[seq_len]"},
+        "hidden_states": {
+            "dtype": f"list[torch.{dtype_name}]",
+            "shape": f"list of {len(layer_ids)} x [seq_len, {hidden_size}]",
+            "num_tensors": len(layer_ids),
+            "description": "one per layer id, aux layers first, the last layer last",
+        },
+        "loss_mask": {
+            "dtype": "torch.int64",
+            "shape": "[seq_len]",
+            "description": "1 = supervised",
+        },
+    }
+    if fp8:
+        schema[SCALE_KEY] = {
+            "dtype": "torch.float32",
+            "shape": f"[{len(layer_ids)}, seq_len]",
+            "description": (
+                "per layer and token: state = float(hidden_states[l][t]) * scale[l, t];"
+                f" scale = max|state| / {FP8_MAX:g} (1 for an all-zero token)"
+            ),
+        }
     config = {
-        "format_version": FORMAT_VERSION,
+        "format_version": FP8_FORMAT_VERSION if fp8 else FORMAT_VERSION,
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": shlex.join([_program(), *sys.argv[1:]]),
         "package_versions": package_versions(),
@@ -337,21 +595,8 @@ def write_data_config(
         "dtype": dtype_name,
         "format": {
             "file_pattern": FILE_PATTERN,
-            "data_format_version": 1,
-            "schema": {
-                "input_ids": {"dtype": "torch.int64", "shape": "[seq_len]"},
-                "hidden_states": {
-                    "dtype": f"list[torch.{dtype_name}]",
-                    "shape": f"list of {len(layer_ids)} x [seq_len, {hidden_size}]",
-                    "num_tensors": len(layer_ids),
-                    "description": "one per layer id, aux layers first, the last layer last",
-                },
-                "loss_mask": {
-                    "dtype": "torch.int64",
-                    "shape": "[seq_len]",
-                    "description": "1 = supervised",
-                },
-            },
+            "data_format_version": 2 if fp8 else 1,
+            "schema": schema,
         },
         **(extra or {}),
     }
@@ -366,9 +611,20 @@ def read_data_config(path: str | os.PathLike) -> dict:
     if path.is_dir():
         path = path / DATA_CONFIG
     config = read_json(path)
-    if config.get("format_version") != FORMAT_VERSION:
+    version = config.get("format_version")
+    if version not in FORMAT_VERSIONS:
         raise SpeculatorsError(
-            path, f"format_version {config.get('format_version')!r} != {FORMAT_VERSION}"
+            path,
+            f"format_version {version!r} is not one this reader knows {list(FORMAT_VERSIONS)}"
+            " (written by a newer speculators?)",
+        )
+    if config.get("dtype") not in DTYPES:
+        raise SpeculatorsError(
+            path, f"dtype {config.get('dtype')!r} is not one of {sorted(DTYPES)}"
+        )
+    if (version == FP8_FORMAT_VERSION) != (config["dtype"] == "float8_e4m3fn"):
+        raise SpeculatorsError(
+            path, f"format_version {version} does not match dtype {config['dtype']}"
         )
     return config
 

@@ -19,7 +19,7 @@ from speculators.report.inputs import STAGE_ORDER, RunInputs, gather
 
 # Relative gap in acceptance length between the two evaluators that the report flags.
 DISAGREEMENT = 0.10
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -255,6 +255,19 @@ def data_section(inputs: RunInputs) -> Section:
             ],
             rows,
         )
+        storage = [storage_row(name, dc) for name, dc in inputs.data_configs.items()]
+        s.text(
+            "Storage per token against the bf16 floor (layers x H x 2 bytes), the fidelity probe"
+            " (LM head on stored last layers vs the next token; the target's own forward on the"
+            " same rows) and the integrity checks (every count must be 0 for the capture to pass):"
+        )
+        s.table(
+            ["dataset", "dtype", "bytes/token on disk", "bf16 floor", "x floor",
+             "next-token agreement", "target's own", "argmax = target", "max rel. error",
+             "samples checked", "non-finite", "degenerate", "RMS outliers",
+             "broken on resume"],
+            storage,
+        )  # fmt: skip
     sizes = [
         [p, round(b / 2**20, 1) if b is not None else "deleted (cleanup_hidden_states)"]
         for p, b in inputs.hidden_states_bytes.items()
@@ -262,6 +275,40 @@ def data_section(inputs: RunInputs) -> Section:
     if sizes:
         s.table(["hidden-states folder", "size on disk MiB"], sizes)
     return s
+
+
+def _pct(x) -> str | None:
+    return None if x is None else f"{100 * x:.2f}%"
+
+
+def storage_row(name: str, dc: dict) -> list:
+    """One dataset's storage and integrity figures from its data_config.json (None = unknown:
+    folders captured before manifests and probes were recorded)."""
+    data, target = dc.get("data") or {}, dc.get("target") or {}
+    tokens = data.get("total_tokens") or 0
+    floor = len(dc.get("layer_ids") or []) * (target.get("hidden_size") or 0) * 2
+    total = (dc.get("manifest") or {}).get("total_bytes")
+    per_token = total / tokens if total is not None and tokens else None
+    integrity = dc.get("integrity") or {}
+    probe = integrity.get("probe") or {}
+    errors = [v.get("relative_error") for v in (probe.get("layers") or {}).values()]
+    errors = [e for e in errors if e is not None]
+    return [
+        name,
+        dc.get("dtype"),
+        None if per_token is None else round(per_token, 1),
+        floor or None,
+        None if per_token is None or not floor else round(per_token / floor, 3),
+        _pct(probe.get("next_token_agreement")),
+        _pct(probe.get("reference_next_token_agreement")),
+        _pct(probe.get("argmax_agreement_with_target")),
+        _pct(max(errors)) if errors else None,
+        integrity.get("checked_samples"),
+        integrity.get("non_finite_samples"),
+        integrity.get("degenerate_layers"),
+        integrity.get("rms_outliers"),
+        integrity.get("broken_on_resume"),
+    ]
 
 
 def training_section(inputs: RunInputs) -> Section:

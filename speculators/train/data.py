@@ -6,8 +6,8 @@ A batch is one packed row `[1, total_seq_len]` of whole aligned samples plus pad
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import zipfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,7 +17,16 @@ import numpy as np
 import torch
 
 from speculators.errors import SpeculatorsError
-from speculators.hidden_states.store import DATA_CONFIG, read_data_config, sample_path
+from speculators.hidden_states.integrity import check_layers, layer_stats
+from speculators.hidden_states.store import (
+    DATA_CONFIG,
+    MANIFEST,
+    read_data_config,
+    read_manifest,
+    read_sample,
+    sample_path,
+    sample_states,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +47,7 @@ class HiddenStatesData:
     samples: list[SampleRef]
     num_loss_tokens: int
     dropped: int = 0  # samples of a single token: nothing to predict after alignment
+    dtypes: tuple[str, ...] = ()  # stored dtype of each folder (fp8 is dequantised on read)
 
     @property
     def aux_layer_ids(self) -> list[int]:
@@ -45,15 +55,28 @@ class HiddenStatesData:
 
     @classmethod
     def open(
-        cls, folders: Sequence[str | Path], *, hidden_size: int, vocab_size: int, num_layers: int
+        cls,
+        folders: Sequence[str | Path],
+        *,
+        hidden_size: int,
+        vocab_size: int,
+        num_layers: int,
+        verify_hashes: bool = False,
     ) -> HiddenStatesData:
-        """Read each folder's data_config.json and check it against the target's dimensions."""
+        """Read each folder's data_config.json and check it against the target's dimensions.
+
+        Every sample file's size is checked against the folder's manifest.json (a truncated,
+        replaced or missing file stops training with one line naming it); `verify_hashes` also
+        reads every file and compares its sha256. Folders captured before manifests existed
+        are accepted with a warning.
+        """
         if not folders:
             raise SpeculatorsError("--data", "no hidden-states folder given")
-        layer_ids, samples, loss_tokens, dropped = None, [], 0, 0
+        layer_ids, samples, loss_tokens, dropped, dtypes = None, [], 0, 0, []
         for folder in map(Path, folders):
             where = folder / DATA_CONFIG
             cfg = read_data_config(folder)
+            dtypes.append(cfg["dtype"])
             target = cfg.get("target", {})
             if target.get("hidden_size") != hidden_size:
                 raise SpeculatorsError(
@@ -80,6 +103,7 @@ class HiddenStatesData:
                 )
             layer_ids = ids
             lengths = cfg["data"]["sample_lengths"]
+            check_files(folder, len(lengths), verify_hashes)
             loss_tokens += int(cfg["data"].get("num_loss_tokens", 1))
             for idx, n in enumerate(lengths):
                 # A 1-token sample has nothing to predict once inputs and targets are shifted.
@@ -94,7 +118,7 @@ class HiddenStatesData:
         if dropped:
             log.warning("%d single-token samples left out (nothing to predict)", dropped)
         folders = [Path(f) for f in folders]
-        return cls(folders, layer_ids, hidden_size, samples, loss_tokens, dropped)
+        return cls(folders, layer_ids, hidden_size, samples, loss_tokens, dropped, tuple(dtypes))
 
     def split(self, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
         """Seeded (train, val) sample indices; validation holds out whole samples."""
@@ -126,21 +150,49 @@ def load_vocab_mapping(d2t_path, t2d_path, vocab_size: int) -> tuple[torch.Tenso
     return d2t, t2d
 
 
-def load_sample(ref: SampleRef, num_states: int, hidden_size: int) -> dict:
-    """The aligned sample (model inputs shifted against targets), length `ref.length`."""
+def check_files(folder: Path, num_samples: int, hashes: bool) -> None:
+    """Sizes (and with `hashes` sha256) of a folder's samples against its manifest.json."""
+    if not (folder / MANIFEST).is_file():
+        log.warning("%s: no %s (captured by an older version): sizes not checked", folder, MANIFEST)
+        return
+    for idx, entry in enumerate(read_manifest(folder, num_samples)):
+        path = sample_path(folder, idx)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise SpeculatorsError(path, "missing (deleted by cleanup-hidden-states?)") from None
+        if size != entry["bytes"]:
+            raise SpeculatorsError(
+                path,
+                f"{size} bytes but {MANIFEST} says {entry['bytes']}: truncated or replaced"
+                f" (`speculators verify {folder}` checks the whole folder)",
+            )
+        if hashes and hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
+            raise SpeculatorsError(path, f"sha256 differs from {MANIFEST}: the content changed")
+    if hashes:
+        log.info("%s: %d samples match %s (sizes and sha256)", folder, num_samples, MANIFEST)
+
+
+def load_sample(ref: SampleRef, num_states: int, hidden_size: int, layer_ids=None) -> dict:
+    """The aligned sample (model inputs shifted against targets), length `ref.length`.
+
+    fp8 samples are dequantised with their per-token scales into float32 (the batch dtype;
+    autocast casts to the compute dtype). With `layer_ids`, a zero or constant layer (the
+    integrity checks of the capture) raises SpeculatorsError naming the file and layer id.
+    """
     from speculators.models.eagle3 import align_sample
 
-    try:
-        raw = torch.load(ref.path, weights_only=True)
-    except (OSError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise SpeculatorsError(ref.path, f"unreadable sample ({str(e).splitlines()[0]})") from None
-    states = raw.get("hidden_states") if isinstance(raw, dict) else None
+    raw = read_sample(ref.path)
+    if not isinstance(raw, dict):
+        raise SpeculatorsError(ref.path, "not a hidden-states sample")
     n = ref.length + 1
+    states = raw.get("hidden_states")
     if not isinstance(states, list) or len(states) != num_states:
         got = len(states) if isinstance(states, list) else "no"
         raise SpeculatorsError(
             ref.path, f"{got} hidden-state tensors, data_config says {num_states}"
         )
+    states = sample_states(raw, torch.float32, ref.path)
     for t in states:
         if tuple(t.shape) != (n, hidden_size):
             raise SpeculatorsError(
@@ -151,6 +203,8 @@ def load_sample(ref: SampleRef, num_states: int, hidden_size: int) -> dict:
             raise SpeculatorsError(ref.path, f"no {key} tensor in the sample")
         if raw[key].shape != (n,):
             raise SpeculatorsError(ref.path, f"{key} length != {n} per data_config")
+    if layer_ids is not None:
+        check_layers(layer_stats(states), layer_ids, ref.path, allow_non_finite=True)
     return align_sample(raw["input_ids"], states, raw["loss_mask"])
 
 
@@ -229,7 +283,8 @@ class BatchLoader:
         if not bin_:
             return empty_batch(self.capacity, h * (self.num_states - 1), h)
         refs = [self.ref(i) for i in bin_]
-        batch = pack_batch([load_sample(r, self.num_states, h) for r in refs], self.capacity)
+        ids = self.data.layer_ids
+        batch = pack_batch([load_sample(r, self.num_states, h, ids) for r in refs], self.capacity)
         if self.noise > 0:
             # Uniform in [-noise, noise) on the aux states only; padding stays zero.
             g = noise_generator(self.seed, epoch, step, rank)

@@ -29,6 +29,7 @@ from speculators.train.data import BatchLoader, HiddenStatesData, load_vocab_map
 from speculators.train.metrics import STAT_KINDS, MetricsLog, stats_vector, summarize
 from speculators.train.optim import SCHEDULERS, build_optimizer, build_scheduler
 from speculators.train.packing import plan_epoch
+from speculators.vocab import check_vocab_source
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     io.add_argument("--d2t", required=True, type=Path, help="d2t.npy of the draft vocabulary")
     io.add_argument("--t2d", required=True, type=Path, help="t2d.npy of the draft vocabulary")
     io.add_argument("--output", required=True, type=Path, help="draft folder to publish")
+    io.add_argument(
+        "--token-freq",
+        type=Path,
+        default=None,
+        help="token_freq.pt of this data: the vocab folder must have been built from it",
+    )
+    io.add_argument(
+        "--verify-hashes",
+        action="store_true",
+        help="read every sample once before training and compare its sha256 with manifest.json",
+    )
     io.add_argument(
         "--work-dir", required=True, type=Path, help="checkpoints and logs (resumed if present)"
     )
@@ -306,8 +318,11 @@ def train(args: argparse.Namespace, env: distributed.DistEnv) -> None:
         hidden_size=tcfg["hidden_size"],
         vocab_size=tcfg["vocab_size"],
         num_layers=tcfg["num_hidden_layers"],
+        verify_hashes=args.verify_hashes,
     )
     d2t, t2d = load_vocab_mapping(args.d2t, args.t2d, tcfg["vocab_size"])
+    if args.token_freq is not None:
+        check_vocab_source(args.d2t.parent, args.token_freq)
     train_idx, val_idx = data.split(args.val_fraction, args.seed)
     lengths = [s.length for s in data.samples]
     T, world = args.total_seq_len, env.world_size

@@ -43,7 +43,8 @@ def engine_kwargs(
     if on_cpu:
         transfer["kv_connector_module_path"] = "speculators.vllm.connector"
     return {
-        # The device's compute precision; SampleStore.write casts to the stored dtype.
+        # The device's compute precision; SampleStore.write casts (fp8: quantises per token)
+        # to the stored dtype.
         "dtype": dtype_name(target_compute_dtype(target)),
         "max_model_len": max_model_len,
         "tensor_parallel_size": tensor_parallel_size,
