@@ -271,3 +271,27 @@ def test_truncated_answer_is_supervised_without_an_end_of_turn_and_ends_the_row(
     whole = m.rows(CONVERSATION[:4]).rows[0]
     assert row.input_ids == whole.input_ids[:-1]
     assert row.loss_mask == whole.loss_mask[:-1]
+
+
+def test_generation_block_that_wraps_the_newline_after_the_end_of_turn(tmp_path):
+    """A template whose {% generation %} block also holds the newline after <|im_end|>: the
+    newline is never a target, and a truncated answer loses its <|im_end|> as well."""
+    from transformers import AutoTokenizer
+
+    template = CHATML_GENERATION.replace(
+        "<|im_end|>{% endgeneration %}\n", "<|im_end|>\n{% endgeneration %}"
+    )
+    assert template != CHATML_GENERATION
+    build_tokenizer(tmp_path, chat_template=template)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    eos = masks.end_of_turn_ids(tok) | {tok.convert_tokens_to_ids("<|im_end|>")}
+    m = masks.Masker(tok, 4096, eos)
+    assert m.mode == masks.GENERATION_MARKERS
+    (row,) = m.rows(CONVERSATION).rows
+    assert supervised_spans(tok, row) == [
+        "I am fine, thank you.<|im_end|>",
+        "The capital of France is Paris.<|im_end|>",
+    ]
+    (cut,) = m.rows([*CONVERSATION[:3], {**CONVERSATION[3], "truncated": True}]).rows
+    assert supervised_spans(tok, cut)[-1] == "The capital of France is Paris."
+    assert tok.decode(cut.input_ids).endswith("Paris.")

@@ -141,7 +141,26 @@ class Masker:
             return_dict=True,
             return_assistant_tokens_mask=True,
         )
-        return self._finish([(list(enc["input_ids"]), list(enc["assistant_masks"]), -1)], False)
+        ids, mask = list(enc["input_ids"]), list(enc["assistant_masks"])
+        return self._finish([(ids, self._cut_after_end_of_turn(ids, mask), -1)], False)
+
+    def _cut_after_end_of_turn(self, ids: list[int], mask: list[int]) -> list[int]:
+        """A `{% generation %}` block may also wrap what the template writes after the
+        end-of-turn token (a newline): as with render boundaries, nothing after a supervised
+        span's last end-of-turn id is a target."""
+        mask = list(mask)
+        k = 0
+        while k < len(mask):
+            if not mask[k]:
+                k += 1
+                continue
+            end = k
+            while end < len(mask) and mask[end]:
+                end += 1
+            stop = self._span_end(ids, k, end)
+            mask[stop:end] = [0] * (end - stop)
+            k = end
+        return mask
 
     def boundary_rows(self, conversation: list[dict], tools=None) -> Result:
         dropped = Counter()
