@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
+        from speculators.devices import check_precision_override
+
+        check_precision_override()  # a bad override fails here, not deep inside a stage
         runners[args.stage](args)
     except SpeculatorsError as e:
         print(f"speculators {args.stage}: error: {e}", file=sys.stderr)

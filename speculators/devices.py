@@ -162,15 +162,21 @@ def _bf16_matmul_is_fast() -> bool:
     return seconds(torch.bfloat16) <= seconds(torch.float32)
 
 
+def check_precision_override() -> None:
+    """Raise (one line) when `$SPECULATORS_NATIVE_BF16` is set to anything but 0 or 1."""
+    forced = os.environ.get(NATIVE_BF16_ENV)
+    if forced is not None and forced not in ("0", "1"):
+        raise SpeculatorsError(NATIVE_BF16_ENV, f"must be 0 or 1, got {forced!r}")
+
+
 @functools.lru_cache(maxsize=1)
 def native_bf16() -> bool:
     """True when this CPU multiplies bf16 in hardware: it lists AMX-BF16 or AVX512-BF16 *and* a
     measured bf16 matmul is not slower than fp32. `$SPECULATORS_NATIVE_BF16` (1/0) overrides."""
+    check_precision_override()
     forced = os.environ.get(NATIVE_BF16_ENV)
-    if forced in ("0", "1"):
+    if forced is not None:
         return forced == "1"
-    if forced:
-        raise SpeculatorsError(NATIVE_BF16_ENV, f"must be 0 or 1, got {forced!r}")
     return bool(cpu_flags().intersection(_BF16_FLAGS)) and _bf16_matmul_is_fast()
 
 
@@ -186,7 +192,8 @@ def compute_dtype(device, stored=None):
 
     half = (torch.bfloat16, torch.float16)
     if getattr(device, "type", device) != "cpu":
-        return stored or torch.bfloat16
+        # Quantised or unknown storage (int8, fp8, none given) computes in bf16.
+        return stored if stored in (*half, torch.float32) else torch.bfloat16
     if (stored is None or stored in half) and native_bf16():
         return torch.bfloat16
     return torch.float32
@@ -209,7 +216,9 @@ def target_compute_dtype(target, device=None):
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(stored, str):
         stored = getattr(torch, stored, None)
-    return compute_dtype(device, stored or torch.float32)
+    if not isinstance(stored, torch.dtype):
+        stored = None  # not recorded: bf16 on GPUs, the CPU's policy for half precision
+    return compute_dtype(device, stored)
 
 
 def add_gpus_argument(parser) -> None:

@@ -128,3 +128,30 @@ def test_every_stage_computes_in_the_policy_dtype_and_stores_bf16(
 
     store = SampleStore(tmp_path / "vllm", hidden_size=128, layer_ids=[1, 2, 3, 4])
     assert engine_kwargs(str(bf16_target), store, 64, 1)["dtype"] == str(want).split(".")[1]
+
+
+def test_quantised_or_unrecorded_storage_computes_in_bf16_on_gpus():
+    assert devices.compute_dtype("cuda", torch.int8) == torch.bfloat16
+    assert devices.compute_dtype("cuda", torch.float8_e4m3fn) == torch.bfloat16
+    assert devices.compute_dtype("cuda", None) == torch.bfloat16
+    assert devices.compute_dtype("cuda", torch.float32) == torch.float32
+
+
+def test_bad_override_stops_any_stage_in_one_line_before_it_starts(
+    tiny_llama, chat_jsonl, tmp_path, monkeypatch, capsys
+):
+    """Even for an fp32 target, whose dtype never depends on the CPU's bf16."""
+    from speculators.cli import main
+
+    monkeypatch.setenv(devices.NATIVE_BF16_ENV, "yes")
+    devices.native_bf16.cache_clear()
+    out = tmp_path / "r.jsonl"
+    argv = ["regenerate", "--target", str(tiny_llama), "--source", str(chat_jsonl),
+            "--dataset-name", "c", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "speculators regenerate: error: SPECULATORS_NATIVE_BF16: must be 0 or 1, got 'yes'"
+    ]
+    assert not list(tmp_path.glob("r*"))
+    devices.native_bf16.cache_clear()

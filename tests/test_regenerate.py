@@ -266,3 +266,62 @@ def test_vllm_backend_reruns_the_command_in_the_vllm_environment(tmp_path, chat_
     assert pairs["--max-turns"] == "2" and pairs["--temperature"] == "0.5"
     assert pairs["--output"] == str(out) and pairs["--source"] == str(chat_jsonl)
     assert "--max-samples" not in pairs  # unset options stay unset
+
+
+def test_killed_run_over_a_source_that_changed_starts_over(tiny_llama, tmp_path, monkeypatch):
+    """The finished rows of a killed run are reused only while the source file (and target)
+    are unchanged: a replaced source never mixes its rows with the old file's."""
+    from fixtures import sample_conversations
+
+    def write(conversations, prefix):
+        src.write_text(
+            "".join(
+                json.dumps({"id": f"{prefix}{i}", "conversations": c}) + "\n"
+                for i, c in enumerate(conversations)
+            )
+        )
+
+    src, out = tmp_path / "chats.jsonl", tmp_path / "out.jsonl"
+    write(sample_conversations(6), "old")
+    argv = ["regenerate", "--target", str(tiny_llama), "--source", str(src), "--dataset-name", "c",
+            "--eval-prompts", "0", "--max-new-tokens", "2", "--batch-size", "1", "--output", str(out)]  # fmt: skip
+    calls = []
+
+    def dies_second(*args):
+        calls.append(1)
+        if len(calls) > 1:
+            raise Interrupt
+        return regenerate.generate_chat_answers(*args)
+
+    monkeypatch.setattr(regenerate, "backend", lambda name: dies_second)
+    with pytest.raises(Interrupt):
+        main(argv)
+    assert len(read_jsonl(tmp_path / "out.jsonl.partial")) == 2  # header + one finished row
+    monkeypatch.undo()
+    write(list(reversed(sample_conversations(6))), "new")
+    assert main(argv) == 0
+    assert all(r["id"].startswith("new") for r in read_jsonl(out))
+
+
+@pytest.mark.parametrize(
+    "option, value, problem",
+    [
+        ("--max-new-tokens", "0", "must be >= 1"),
+        ("--batch-size", "0", "must be >= 1"),
+        ("--max-turns", "0", "must be >= 1"),
+        ("--eval-prompts", "-1", "must be >= 0"),
+        ("--temperature", "-1", "must be >= 0"),
+        ("--top-p", "0", "must be in (0, 1]"),
+        ("--vllm-python", "/nonexistent/python", "is not an executable"),
+    ],
+)
+def test_unusable_values_stop_with_one_line_and_write_nothing(
+    tiny_llama, chat_jsonl, tmp_path, capsys, option, value, problem
+):
+    out = tmp_path / "out.jsonl"
+    argv = ["regenerate", "--target", str(tiny_llama), "--source", str(chat_jsonl),
+            "--dataset-name", "c", "--backend", "auto", option, value, "--output", str(out)]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and option in err and problem in err
+    assert not list(tmp_path.glob("out*"))

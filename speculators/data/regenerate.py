@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 from speculators.data import sources
-from speculators.devices import add_gpus_argument, check_job_gpus
+from speculators.devices import (
+    add_gpus_argument,
+    check_job_gpus,
+    dtype_name,
+    target_compute_dtype,
+)
 from speculators.errors import SpeculatorsError
 from speculators.fileio import atomic_path, write_json
 
@@ -40,8 +45,6 @@ MICRO_BATCH = 32
 def _load_target(target: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from speculators.devices import target_compute_dtype
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(target)
@@ -319,13 +322,55 @@ OPTIONS = (
 )
 
 
+def check_arguments(args) -> None:
+    """One line for a value no generation can use, before anything is loaded or written."""
+    if not args.output.endswith(".jsonl"):
+        raise SpeculatorsError(args.output, "the output must be a .jsonl file")
+    at_least = {"max_new_tokens": 1, "batch_size": 1, "max_turns": 1, "eval_prompts": 0}
+    at_least["max_samples"] = 1
+    for name, low in at_least.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise SpeculatorsError(f"--{name.replace('_', '-')}", f"must be >= {low}, got {value}")
+    if args.temperature < 0:
+        raise SpeculatorsError(
+            "--temperature", f"must be >= 0 (0 = greedy), got {args.temperature}"
+        )
+    if not 0 < args.top_p <= 1:
+        raise SpeculatorsError("--top-p", f"must be in (0, 1], got {args.top_p}")
+
+
+def input_stamps(source: str, target: str) -> dict:
+    """What a resumed regeneration must find unchanged besides its settings: the source file's
+    content hash and the size and mtime of the target folder's files (names for hub ids)."""
+    import hashlib
+
+    stamps: dict = {"source": source, "target": target}
+    path = Path(source)
+    if path.is_file():
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        stamps["source"] = digest.hexdigest()
+    folder = Path(target)
+    if folder.is_dir():
+        stamps["target"] = {
+            f.name: [f.stat().st_size, f.stat().st_mtime_ns]
+            for f in sorted(folder.iterdir())
+            if f.is_file()
+        }
+    return stamps
+
+
 def run(args) -> None:
     check_job_gpus(args.gpus, "regenerate.gpus")
     started = time.time()
-    if not args.output.endswith(".jsonl"):
-        raise SpeculatorsError(args.output, "the output must be a .jsonl file")
+    check_arguments(args)
     from speculators.vllm import find_vllm_python, vllm_importable  # no vLLM import
 
+    if args.backend == "auto" and args.vllm_python and find_vllm_python(args.vllm_python) is None:
+        raise SpeculatorsError("--vllm-python", f"{args.vllm_python} is not an executable")
     if args.backend == "auto":
         # vLLM's continuous batching generates 2.2x the tokens/s of transformers on CPU
         # (docs/benchmarks.md); without its environment the transformers backend does the work.
@@ -338,7 +383,12 @@ def run(args) -> None:
     rows = sources.load_rows(args.source, args.split)
     selection = sources.select(rows, args.seed, args.eval_prompts, args.max_samples)
     if not selection.train:
-        raise SpeculatorsError(args.source, "no usable training conversation to regenerate")
+        held = (
+            f"; all {len(selection.eval)} usable rows were held out as eval prompts"
+            if selection.eval
+            else ""
+        )
+        raise SpeculatorsError(args.source, f"no usable training conversation to regenerate{held}")
     settings = {
         "target": args.target,
         "source": args.source,
@@ -352,12 +402,15 @@ def run(args) -> None:
         "top_p": args.top_p,
         "batch_size": args.batch_size,
         "max_turns": args.max_turns,
+        # A source or target changed since a killed run: its finished rows are not reused.
+        "inputs": input_stamps(args.source, args.target),
     }
     counts = regenerate_selection(selection, generate, settings, args.output)
     meta = {
         "dataset": args.dataset_name,
         "settings": settings,
         "greedy": args.temperature == 0,
+        "compute_dtype": dtype_name(target_compute_dtype(args.target)),
         "counts": counts,
         "selection": selection.summary(),
         "seconds": round(time.time() - started, 1),
