@@ -10,6 +10,10 @@
 # project's kind carry as a local CPU wheel; set TORCH_SPEC to choose another build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ $# -gt 1 || ($# -eq 1 && -z "$1") ]]; then
+    echo "install.sh: expected at most one non-empty target (all, main, test, datagen or vllm), got: $*" >&2
+    exit 2
+fi
 what="${1:-all}"
 PY="${PYTHON:-python3}"
 

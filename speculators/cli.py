@@ -106,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     except SpeculatorsError as e:
         print(f"speculators {args.stage}: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # an output path that is a file, a full disk, no permission
+        if args.verbose or e.filename is None:
+            raise
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 else e.filename
+        print(f"speculators {args.stage}: error: {where}: {e.strerror}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"speculators {args.stage}: interrupted", file=sys.stderr)
         return 130

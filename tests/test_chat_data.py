@@ -633,3 +633,40 @@ def test_tool_results_user_and_system_tokens_are_never_supervised(real, row, nam
                 assert not any(c.isupper() or c.isdigit() for c in piece), (piece, name)
     # Every answer is supervised exactly once: in the shared row or in its own row.
     assert [r.turn for r in result.rows] in ([-1], list(range(answers)))
+
+
+# --- inputs found by an adversarial review -----------------------------------------------------
+
+
+def test_deeply_nested_json_is_one_line(tiny_tokenizer_dir, tmp_path, capsys):
+    src = lines(tmp_path / "deep.jsonl", b"[" * 100_000 + b"\n")
+    assert run_prepare(tiny_tokenizer_dir, src, tmp_path / "out") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "line 1: JSON nested too deeply" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_pretokenized_row_with_an_unencodable_id_is_skipped_and_counted(
+    tiny_tokenizer_dir, tmp_path
+):
+    good = {"id": "ok", "input_ids": [5, 6, 7], "loss_mask": [0, 1, 1]}
+    bad = b'{"id": "\\ud83d", "input_ids": [5, 6, 7], "loss_mask": [0, 1, 1]}\n'
+    src = lines(tmp_path / "p.jsonl", row_bytes(good) + b"\n", bad)
+    out = tmp_path / "out"
+    assert run_prepare(tiny_tokenizer_dir, src, out, "--eval-prompts", "0") == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["selection"]["dropped"] == {"unencodable_text": 1}
+    assert stats["rows_out"] == 1
+
+
+def test_an_output_path_that_is_a_file_is_one_line(tiny_tokenizer_dir, tmp_path, capsys):
+    from fixtures import sample_conversations
+
+    src = write_jsonl(tmp_path / "c.jsonl", [{"conversations": c} for c in sample_conversations(4)])
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    assert run_prepare(tiny_tokenizer_dir, src, taken / "out", "--eval-prompts", "0") == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"speculators prepare: error: {taken}: File exists"
+    assert taken.read_text() == "not a folder"

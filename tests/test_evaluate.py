@@ -451,3 +451,24 @@ def test_sampled_evaluation_reports_no_greedy_mismatch_count(llama, prompts):
     assert row["output_tokens"] == MAX_NEW and 1.0 <= row["acceptance_length"] <= 3.0
     rates = row["per_position_acceptance"]
     assert rates[0] >= rates[1]
+
+
+@pytest.mark.parametrize(
+    "option, problem",
+    [
+        (["--k", "0"], "--k: draft lengths must be at least 1"),
+        (["--device", "bogus"], "--device: 'bogus' is not a device"),
+        (["--num-prompts", "0"], "--num-prompts: must be at least 1"),
+    ],
+)
+def test_unusable_options_are_one_line_before_anything_loads(
+    tiny_llama, tmp_path, chat_jsonl, capsys, option, problem
+):
+    draft = tmp_path / "draft"
+    draft.mkdir()
+    (draft / "config.json").write_text("{}")
+    out = tmp_path / "eval.json"
+    assert _evaluate(tiny_llama, draft, chat_jsonl, out, *option) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and problem in err[0]
+    assert not out.exists()

@@ -140,6 +140,8 @@ def _read_jsonl(path: Path, data: bytes) -> Rows:
             raise SpeculatorsError(
                 f"{path} line {lineno}", f"not valid JSON ({e.msg} at column {e.colno})"
             ) from None
+        except RecursionError:
+            raise SpeculatorsError(f"{path} line {lineno}", "JSON nested too deeply") from None
         locations.append(f"{path} line {lineno}")
     return Rows(rows, locations)
 
@@ -206,6 +208,8 @@ def _read_local(path: Path) -> Rows:
     text = _decode(path, data).lstrip(_UTF8_BOM)
     try:
         parsed = json.loads(text)
+    except RecursionError:
+        raise SpeculatorsError(path, "JSON nested too deeply") from None
     except json.JSONDecodeError as e:
         if e.msg != "Extra data":  # "Extra data" = JSON Lines saved as .json
             raise SpeculatorsError(
@@ -415,10 +419,6 @@ def parse_row(row, normalised: Counter | None = None) -> dict:
     tools = _tools(row)
     if tools:
         item["tools"] = tools
-    try:  # a lone surrogate (JSON "\ud83d") is valid JSON but no UTF-8 text
-        json.dumps([item, row.get("id"), row.get("prompt_id")], ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        raise SkippedRow("unencodable_text") from None
     return item
 
 
@@ -462,6 +462,10 @@ def _item(row, index: int, sel: Selection, skipped: _SkipLog, pretokenized: bool
         item = parse_row(row, normalised)
         if "input_ids" in item and not pretokenized:
             raise SkippedRow("pretokenized_row")
+        try:  # a lone surrogate (JSON "\ud83d") is valid JSON but no UTF-8 text
+            json.dumps([item, row.get("id"), row.get("prompt_id")], ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise SkippedRow("unencodable_text") from None
     except SkippedRow as skip:
         sel.dropped[skip.reason] += 1
         skipped.add(skip.reason, index)

@@ -19,3 +19,18 @@ def add_common_arguments(p, output_help: str) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy acceptance")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", required=True, type=Path, help=output_help)
+
+
+def check_common_arguments(args) -> None:
+    """One line for a value neither evaluator can measure with, before a model is loaded."""
+    from speculators.errors import SpeculatorsError
+
+    for name in ("num_prompts", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise SpeculatorsError(f"--{name.replace('_', '-')}", "must be at least 1")
+    if args.temperature < 0:
+        raise SpeculatorsError("--temperature", "must be >= 0")
+    if args.k and min(args.k) < 1:
+        raise SpeculatorsError("--k", "draft lengths must be at least 1")
+    if not (args.draft / "config.json").is_file():
+        raise SpeculatorsError(args.draft, "not a draft folder (no config.json)")

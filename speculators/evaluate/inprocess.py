@@ -17,7 +17,7 @@ import torch
 
 from speculators.devices import add_gpus_argument, check_job_gpus, compute_dtype, describe
 from speculators.errors import SpeculatorsError
-from speculators.evaluate import add_common_arguments
+from speculators.evaluate import add_common_arguments, check_common_arguments
 from speculators.evaluate.prompts import PromptSpec, follow_up, load_prompts, render_within
 from speculators.evaluate.spec_decode import DecodeStats, Target, greedy_decode, speculative_decode
 from speculators.fileio import read_json, write_json
@@ -285,7 +285,15 @@ def evaluate(
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SpeculatorsError(
+            "--device", f"{name!r} is not a device (cpu, cuda, cuda:1, ...)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpeculatorsError("--device", f"{name} requested but no GPU is visible")
+    return device
 
 
 def _dtype(name: str, device: torch.device, config) -> torch.dtype:
@@ -320,6 +328,7 @@ def load_proposer(draft_dir: Path, device, target_model=None):
 
 def run(args: argparse.Namespace) -> None:
     check_job_gpus(args.gpus, "evaluate.gpus")
+    check_common_arguments(args)
     device = _device(args.device)
     info = read_draft_info(args.draft)
     model, tokenizer = load_target(args.target, device, args.dtype)
@@ -327,11 +336,6 @@ def run(args: argparse.Namespace) -> None:
     ks = args.k or ([info.ttt_steps] if info.ttt_steps else None)
     if not ks:
         raise SpeculatorsError(args.draft / "config.json", "no speculative_tokens; pass --k")
-    for name in ("num_prompts", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise SpeculatorsError(f"--{name.replace('_', '-')}", "must be at least 1")
-    if args.temperature < 0:
-        raise SpeculatorsError("--temperature", "must be >= 0")
     specs = load_prompts(args.prompts, args.num_prompts)
     proposer = load_proposer(args.draft, device, model)
     log.info(

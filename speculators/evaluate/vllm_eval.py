@@ -11,7 +11,7 @@ import argparse
 import logging
 
 from speculators.errors import SpeculatorsError
-from speculators.evaluate import add_common_arguments
+from speculators.evaluate import add_common_arguments, check_common_arguments
 from speculators.evaluate.prompts import follow_up, render_within
 from speculators.fileio import write_json
 
@@ -61,22 +61,10 @@ def skipped_result(args: argparse.Namespace, reason: str) -> dict:
     }
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    for name in ("num_prompts", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise SpeculatorsError(f"--{name.replace('_', '-')}", "must be at least 1")
-    if args.temperature < 0:
-        raise SpeculatorsError("--temperature", "must be >= 0")
-    if args.k and min(args.k) < 1:
-        raise SpeculatorsError("--k", "draft lengths must be at least 1")
-    if not (args.draft / "config.json").is_file():
-        raise SpeculatorsError(args.draft, "not a draft folder (no config.json)")
-
-
 def run(args: argparse.Namespace) -> None:
     from speculators.vllm import find_vllm_python, run_in_vllm_python, vllm_importable
 
-    _check_args(args)
+    check_common_arguments(args)
     if args.vllm_mode == "off":
         write_json(args.output, skipped_result(args, "disabled in the config (evaluate.vllm: off)"))
         return None
