@@ -392,3 +392,146 @@ def test_vocab_of_other_data_is_refused(tiny_llama, tmp_path):
     (out / "vocab.json").unlink()
     with pytest.raises(SpeculatorsError, match="this vocabulary's source is unknown"):
         check_vocab_source(out, a)
+
+
+# -- review findings: unreadable files, malformed metadata, tampering the manifest agrees with ------
+
+
+def _rehash(folder: Path, idx: int) -> None:
+    """Make manifest.json agree with the (changed) sample `idx`: only content checks can tell."""
+    import hashlib
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    data = (folder / f"data_{idx}.pt").read_bytes()
+    manifest["samples"][idx].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _resave(folder: Path, idx: int, change) -> None:
+    raw = load(folder, idx)
+    change(raw)
+    with open(folder / f"data_{idx}.pt", "wb") as f:
+        torch.save(raw, f)
+    _rehash(folder, idx)
+
+
+def _verify_sizes_only_error(capsys, folder) -> str:
+    capsys.readouterr()
+    assert main(["verify", str(folder), "--sizes-only"]) == 1
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("rehash", [False, True])
+def test_random_bytes_of_the_same_size_are_one_line_in_verify_and_trainer(finished, capsys, rehash):
+    from speculators.train.data import SampleRef, load_sample
+
+    path = finished / "data_1.pt"
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 256, (path.stat().st_size,), dtype=torch.uint8, generator=g)
+    path.write_bytes(noise.numpy().tobytes())
+    if rehash:
+        _rehash(finished, 1)
+    error = _verify_error(capsys, finished)
+    assert "data_1.pt: unreadable sample" in error
+    assert ("sha256 differs from manifest.json" in error) is not rehash
+    assert "data_1.pt: unreadable" in _verify_sizes_only_error(capsys, finished)
+    with pytest.raises(SpeculatorsError, match="data_1.pt: unreadable sample") as e:
+        load_sample(SampleRef(path, 4), 4, H, LAYER_IDS)  # train without --verify-hashes
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("[]", "data_config.json: the top level is a list, not an object"),
+        ('"x"', "data_config.json: the top level is a str, not an object"),
+        (lambda c: c.pop("target"), "data_config.json: target is not an object"),
+        (lambda c: c["data"].pop("sample_lengths"), "data.sample_lengths is not a list"),
+        (lambda c: c.update(layer_ids="1,2"), "layer_ids is not a list of layer ids"),
+        (lambda c: c.update(integrity=[]), "integrity is not an object"),
+        (
+            lambda c: c["integrity"].update(layer_token_rms={"1": 1.0}),
+            "integrity.layer_token_rms is not one RMS per layer id [1, 2, 3, 4]",
+        ),
+    ],
+)
+def test_malformed_data_config_is_one_line_in_verify_and_trainer(finished, capsys, text, problem):
+    from speculators.train.data import HiddenStatesData
+
+    path = finished / "data_config.json"
+    dims = config(finished)["target"]
+    if callable(text):
+        cfg = config(finished)
+        text(cfg)
+        text = json.dumps(cfg)
+    path.write_text(text)
+    assert problem in _verify_error(capsys, finished)
+    with pytest.raises(SpeculatorsError, match=re.escape(problem)):
+        HiddenStatesData.open([finished], hidden_size=dims["hidden_size"],
+                              vocab_size=dims["vocab_size"], num_layers=4)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (lambda c: c.update(aux_layer_ids=[1]), "aux_layer_ids [1] != layer_ids[:-1] [1, 2, 3]"),
+        (lambda c: c["data"].update(num_samples=3), "data.num_samples 3 != 4 sample_lengths"),
+    ],
+)
+def test_data_config_that_contradicts_itself_is_refused(finished, capsys, change, problem):
+    cfg = config(finished)
+    change(cfg)
+    (finished / "data_config.json").write_text(json.dumps(cfg))
+    assert problem in _verify_error(capsys, finished)
+    with pytest.raises(SpeculatorsError, match=re.escape(problem)):
+        _train_open(finished)
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (lambda m: m.update(num_samples=5), "num_samples 5 != the 4 samples of data_config.json"),
+        (lambda m: m.update(algorithm="md5"), "algorithm 'md5' is not sha256"),
+        (lambda m: m["samples"][2].update(file="../../etc/passwd"), "entry 2 is not data_2.pt"),
+        (lambda m: m["samples"][1].update(bytes="12"), "entry 1 is not data_1.pt"),
+    ],
+)
+def test_manifest_that_contradicts_itself_is_refused(finished, capsys, change, problem):
+    manifest = json.loads((finished / "manifest.json").read_text())
+    change(manifest)
+    (finished / "manifest.json").write_text(json.dumps(manifest))
+    assert f"manifest.json: {problem}" in _verify_error(capsys, finished)
+    with pytest.raises(SpeculatorsError, match=re.escape(problem)):
+        _train_open(finished)
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (
+            lambda s: s["hidden_states_scale"].neg_(),
+            "hidden_states_scale: 68 of 68 not finite and > 0",
+        ),
+        (lambda s: s["hidden_states_scale"][1, 3].fill_(0.0), "hidden_states_scale: 1 of 68"),
+        (lambda s: s["hidden_states_scale"][0, 0].fill_(float("inf")), "hidden_states_scale: 1 of"),
+        (lambda s: s["hidden_states_scale"][2, 0].fill_(float("nan")), "hidden_states_scale: 1 of"),
+        (lambda s: s["loss_mask"].fill_(2), "loss_mask has values other than 0 and 1"),
+        (lambda s: s["loss_mask"].__setitem__(0, -1), "loss_mask has values other than 0 and 1"),
+        (lambda s: s["input_ids"].__setitem__(0, 10**6), "input_ids outside the target's vocab"),
+        (lambda s: s["input_ids"].__setitem__(5, -1), "input_ids outside the target's vocab"),
+    ],
+)
+def test_scales_and_masks_a_consistent_manifest_cannot_vouch_for(finished, capsys, change, problem):
+    """A negated scale flips the sign of every state: finite, not degenerate, RMS unchanged."""
+    from speculators.train.data import SampleRef, load_sample
+
+    _resave(finished, 0, change)
+    where = f"data_0.pt: {problem}"
+    assert where in _verify_error(capsys, finished)
+    assert where in _verify_sizes_only_error(capsys, finished)
+    _train_open(finished, verify_hashes=True)  # the manifest agrees: only the content tells
+    vocab = config(finished)["target"]["vocab_size"]
+    with pytest.raises(SpeculatorsError, match=re.escape(where)):
+        load_sample(SampleRef(finished / "data_0.pt", 16), 4, H, LAYER_IDS, vocab)

@@ -409,6 +409,55 @@ def test_sample_file_that_disagrees_with_data_config_is_named(tiny_llama, chat_s
         load_sample(SampleRef(data / "data_2.pt", 24), num_states=4, hidden_size=128)
 
 
+def test_a_folder_given_twice_is_refused(tiny_llama, chat_states, tmp_path):
+    """`--data hs ./hs/` would put copies of training samples into validation."""
+    _, d2t, t2d = chat_states
+    data = write_random_states(tmp_path / "hs", tiny_llama, [20, 30])
+    (tmp_path / "link").symlink_to(data)
+    for again in (Path(f"{data}/"), data / ".." / "hs", tmp_path / "link"):
+        with pytest.raises(SpeculatorsError, match="given twice in --data") as e:
+            trainer.run(train_args(tiny_llama, [data, again], d2t, t2d, tmp_path))
+        assert str(e.value).startswith(str(again))
+
+
+def test_missing_manifest_is_an_error_unless_the_folder_predates_manifests(
+    tiny_llama, chat_states, tmp_path, caplog
+):
+    from speculators.hidden_states.store import SampleStore
+
+    cfg = json.loads((tiny_llama / "config.json").read_text())
+    fp8 = SampleStore(tmp_path / "fp8", hidden_size=cfg["hidden_size"], layer_ids=[1, 2, 3, 4],
+                      dtype=torch.float8_e4m3fn)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    fp8.write(0, torch.arange(9), [torch.randn(9, cfg["hidden_size"], generator=g)] * 4,
+              torch.ones(9, dtype=torch.long))  # fmt: skip
+    fp8.finish(1, target=str(tiny_llama), vocab_size=cfg["vocab_size"],
+               num_hidden_layers=cfg["num_hidden_layers"], prepared="fixture", sample_lengths=[9],
+               num_loss_tokens=9, backend="transformers", device="cpu")  # fmt: skip
+    bf16 = write_random_states(tmp_path / "bf16", tiny_llama, [20, 30])
+    for folder in (fp8.output_dir, bf16):
+        (folder / "manifest.json").unlink()
+    dims = {k: cfg[k] for k in ("hidden_size", "vocab_size")} | {"num_layers": 4}
+    for hashes in (False, True):
+        with pytest.raises(
+            SpeculatorsError, match=r"fp8: no manifest.json, but this format_version 2"
+        ):
+            HiddenStatesData.open([fp8.output_dir], verify_hashes=hashes, **dims)
+    # A format-1 folder whose data_config.json records a manifest lost it: an error too ...
+    with pytest.raises(SpeculatorsError, match=r"bf16: no manifest.json, but data_config.json"):
+        HiddenStatesData.open([bf16], **dims)
+    # ... one captured before manifests existed (no record) is trained on with a warning.
+    data_config = json.loads((bf16 / "data_config.json").read_text())
+    data_config.pop("manifest")
+    (bf16 / "data_config.json").write_text(json.dumps(data_config))
+    caplog.clear()
+    HiddenStatesData.open([bf16], verify_hashes=True, **dims)
+    assert (
+        "bf16: no manifest.json (captured by an older version): sizes and sha256 not checked"
+        in caplog.text
+    )
+
+
 def test_vocab_mapping_of_another_vocab_size_is_refused(tiny_llama, chat_states, tmp_path):
     data, _, _ = chat_states
     d2t, t2d = write_vocab(tmp_path / "vocab", 500, DRAFT_VOCAB)

@@ -26,6 +26,7 @@ checked when it is written, when a resume keeps it, and when the trainer loads i
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import math
 import time
@@ -349,6 +350,7 @@ def verify_folder(folder: str | Path, *, hashes: bool = True) -> dict:
         hidden_size=cfg["target"]["hidden_size"],
         layer_ids=cfg["layer_ids"],
         dtype=dtype_from_name(cfg["dtype"]),
+        vocab_size=cfg["target"]["vocab_size"],
     )
     problems: list[tuple] = []  # (where, problem)
     counts = {"missing": 0, "size": 0, "hash": 0, "schema": 0, "degenerate": 0}
@@ -375,13 +377,17 @@ def verify_folder(folder: str | Path, *, hashes: bool = True) -> dict:
             got = store.inspect(idx, seq=n)  # one read: hash, schema, layer checks
         except SpeculatorsError as e:
             counts["degenerate" if e.problem.startswith("layer ") else "schema"] += 1
-            problems.append((e.where, e.problem))
+            problem = e.problem
+            if hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
+                counts["hash"] += 1
+                problem += "; sha256 differs from manifest.json (content changed)"
+            problems.append((e.where, problem))
             continue
         if got["sha256"] != entry["sha256"]:
             counts["hash"] += 1
             problems.append((path, "sha256 differs from manifest.json (content changed)"))
     if not problems and hashes:
-        recorded = cfg.get("integrity", {}).get("layer_token_rms")
+        recorded = cfg.get("integrity", {}).get("layer_token_rms")  # checked by the reader
         reference = {int(k): v for k, v in recorded.items()} if recorded else None
         try:
             entries = [store.entries[i] for i in range(len(lengths))]

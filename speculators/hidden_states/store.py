@@ -45,7 +45,6 @@ import logging
 import os
 import shlex
 import sys
-import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -130,14 +129,49 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> tor
     return (q.to(torch.float32) * scale.to(torch.float32)[:, None]).to(dtype)
 
 
-def read_sample(path: str | os.PathLike, *, mmap: bool = False) -> dict:
-    """The raw dict of `data_{idx}.pt`; SpeculatorsError naming the file if it cannot be read."""
+def load_problem(e: BaseException) -> str:
+    """One short line for why `torch.load` failed on a file (damaged, foreign or random bytes)."""
+    first = (str(e).splitlines() or [""])[0].split(". ")[0][:120]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def read_sample(path: str | os.PathLike | io.BytesIO, *, mmap: bool = False, where=None) -> dict:
+    """The raw dict of `data_{idx}.pt`; SpeculatorsError naming the file if it cannot be read.
+
+    Any exception of the loader counts: random bytes reach the legacy (non-zip) unpickler,
+    which fails with UnpicklingError, struct or Unicode errors, not just the zip reader's.
+    `where` names the file when `path` is its bytes in memory.
+    """
     try:
         return torch.load(path, weights_only=True, mmap=mmap)
-    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError, KeyError) as e:
-        raise SpeculatorsError(
-            path, f"unreadable sample ({str(e).splitlines()[0].split('. ')[0][:120]})"
-        ) from None
+    except Exception as e:  # noqa: BLE001 - whatever the bytes are, one line naming the file
+        raise SpeculatorsError(where or path, f"unreadable sample ({load_problem(e)})") from None
+
+
+def scale_problem(scale: torch.Tensor) -> str | None:
+    """fp8 scales must be finite and > 0: a zero, negative (every state's sign flipped), NaN or
+    infinite scale is no quantisation this module writes (it writes amax / 448, or 1)."""
+    bad = ~(torch.isfinite(scale) & (scale > 0))
+    if bool(bad.any()):
+        return f"{SCALE_KEY}: {int(bad.sum())} of {scale.numel()} not finite and > 0"
+    return None
+
+
+def ids_problem(ids: torch.Tensor, vocab_size: int) -> str | None:
+    """Token ids must lie in the target's vocabulary [0, vocab_size)."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        return (
+            f"input_ids outside the target's vocabulary [0, {vocab_size})"
+            f" (min {int(ids.min())}, max {int(ids.max())})"
+        )
+    return None
+
+
+def mask_problem(mask: torch.Tensor) -> str | None:
+    """A loss mask holds 0 (not supervised) and 1 (supervised), nothing else."""
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        return "loss_mask has values other than 0 and 1"
+    return None
 
 
 def sample_states(
@@ -170,6 +204,9 @@ def sample_states(
         raise SpeculatorsError(
             where, f"fp8 states need float32 {SCALE_KEY} [{len(states)}, {seq}], got {got}"
         )
+    problem = scale_problem(scale)
+    if problem:
+        raise SpeculatorsError(where, problem)
     return [dequantize(t, s, dtype or torch.float32) for t, s in zip(states, scale)]
 
 
@@ -183,6 +220,7 @@ class SampleStore:
         hidden_size: int,
         layer_ids: Sequence[int],
         dtype: torch.dtype = torch.bfloat16,
+        vocab_size: int | None = None,
     ):
         if dtype not in DTYPES.values():
             raise SpeculatorsError("hidden_states.dtype", f"{dtype} is not one of {sorted(DTYPES)}")
@@ -190,6 +228,7 @@ class SampleStore:
         self.hidden_size = hidden_size
         self.layer_ids = list(layer_ids)
         self.dtype = dtype
+        self.vocab_size = vocab_size  # with it, `check_sample` checks the ids' range
         # idx -> manifest entry and layer statistics of the samples written or checked here.
         self.entries: dict[int, dict] = {}
         self.broken_on_resume = 0  # files `scan` found broken (unreadable, degenerate, ...)
@@ -286,9 +325,9 @@ class SampleStore:
             return "missing"
         try:
             # mmap: shapes and dtypes are checked without reading every state into memory.
-            sample = torch.load(path, weights_only=True, mmap=True)
-        except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
-            return f"unreadable ({str(e).splitlines()[0].split('. ')[0][:120]})"
+            sample = read_sample(path, mmap=True)
+        except SpeculatorsError as e:
+            return e.problem
         return self.check_sample(sample, input_ids, loss_mask, compare_rows=compare_rows)
 
     def check_sample(
@@ -306,12 +345,16 @@ class SampleStore:
             return f"input_ids are not a LongTensor of length {seq}"
         if compare_rows and not torch.equal(ids, torch.as_tensor(input_ids, dtype=torch.long)):
             return "input_ids differ from the prepared row"
+        if self.vocab_size and ids_problem(ids, self.vocab_size):
+            return ids_problem(ids, self.vocab_size)
         if not (
             isinstance(mask, torch.Tensor) and mask.dtype == torch.long and mask.shape == (seq,)
         ):
             return f"loss_mask is not a LongTensor of length {seq}"
         if compare_rows and not torch.equal(mask, torch.as_tensor(loss_mask, dtype=torch.long)):
             return "loss_mask differs from the prepared row"
+        if mask_problem(mask):
+            return mask_problem(mask)
         if not isinstance(states, list) or len(states) != len(self.layer_ids):
             return f"expected {len(self.layer_ids)} hidden-state tensors"
         for t in states:
@@ -327,6 +370,7 @@ class SampleStore:
                 and scale.shape == (len(self.layer_ids), seq)
             ):
                 return f"{SCALE_KEY} is not float32 [{len(self.layer_ids)}, {seq}]"
+            return scale_problem(scale)
         return None
 
     def inspect(self, idx: int, seq: int | None = None) -> dict:
@@ -337,7 +381,7 @@ class SampleStore:
 
         path = self.path(idx)
         data = path.read_bytes()
-        sample = read_sample(io.BytesIO(data)) if data else read_sample(path)
+        sample = read_sample(io.BytesIO(data), where=path) if data else read_sample(path)
         if seq is not None:
             problem = self.check_sample(sample, [0] * seq, [0] * seq, compare_rows=False)
             if problem:
@@ -490,14 +534,39 @@ def write_manifest(output_dir: str | os.PathLike, entries: Sequence[dict]) -> di
 
 
 def read_manifest(folder: str | os.PathLike, num_samples: int) -> list[dict]:
-    """The `num_samples` entries of a folder's manifest.json (one-line error if absent/foreign)."""
+    """The `num_samples` entries of a folder's manifest.json, each `{"file": "data_<i>.pt",
+    "bytes": int, "sha256": hex}` in index order (one-line error if absent, foreign or not
+    agreeing with itself)."""
     path = Path(folder) / MANIFEST
     body = read_json(path)
     samples = body.get("samples") if isinstance(body, dict) else None
     if not isinstance(samples, list) or len(samples) != num_samples:
         got = len(samples) if isinstance(samples, list) else "no"
         raise SpeculatorsError(path, f"{got} entries, data_config.json has {num_samples} samples")
+    if body.get("algorithm", "sha256") != "sha256":
+        raise SpeculatorsError(path, f"algorithm {body['algorithm']!r} is not sha256")
+    if body.get("num_samples", num_samples) != num_samples:
+        raise SpeculatorsError(
+            path,
+            f"num_samples {body['num_samples']!r} != the {num_samples} samples of {DATA_CONFIG}",
+        )
+    for idx, e in enumerate(samples):
+        name = FILE_PATTERN.format(idx=idx)
+        if not (
+            isinstance(e, dict)
+            and e.get("file") == name
+            and _is_int(e.get("bytes"))
+            and e["bytes"] >= 0
+            and isinstance(e.get("sha256"), str)
+        ):
+            raise SpeculatorsError(
+                path, f"entry {idx} is not {name} with its bytes and sha256: {str(e)[:120]}"
+            )
     return samples
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 # -- data_config.json --------------------------------------------------------------------------
@@ -611,6 +680,10 @@ def read_data_config(path: str | os.PathLike) -> dict:
     if path.is_dir():
         path = path / DATA_CONFIG
     config = read_json(path)
+    if not isinstance(config, dict):
+        raise SpeculatorsError(
+            path, f"the top level is a {type(config).__name__}, not an object: not a data_config"
+        )
     version = config.get("format_version")
     if version not in FORMAT_VERSIONS:
         raise SpeculatorsError(
@@ -626,7 +699,46 @@ def read_data_config(path: str | os.PathLike) -> dict:
         raise SpeculatorsError(
             path, f"format_version {version} does not match dtype {config['dtype']}"
         )
+    _check_structure(path, config)
     return config
+
+
+def _check_structure(path: Path, config: dict) -> None:
+    """The keys readers index, with their types, and the fields that must agree with each
+    other (a hand-edited or foreign file stops here in one line, not in a KeyError later)."""
+    target, data = config.get("target"), config.get("data")
+    for name, value in (("target", target), ("data", data)):
+        if not isinstance(value, dict):
+            raise SpeculatorsError(path, f"{name} is not an object")
+    for key in ("hidden_size", "vocab_size", "num_hidden_layers"):
+        if not (_is_int(target.get(key)) and target[key] > 0):
+            raise SpeculatorsError(path, f"target.{key} {target.get(key)!r} is not a positive int")
+    lengths = data.get("sample_lengths")
+    if not isinstance(lengths, list) or not all(_is_int(n) and n >= 1 for n in lengths):
+        raise SpeculatorsError(path, "data.sample_lengths is not a list of positive ints")
+    if data.get("num_samples", len(lengths)) != len(lengths):
+        raise SpeculatorsError(
+            path, f"data.num_samples {data['num_samples']!r} != {len(lengths)} sample_lengths"
+        )
+    ids = config.get("layer_ids")
+    if not (isinstance(ids, list) and len(ids) >= 2 and all(_is_int(i) for i in ids)):
+        raise SpeculatorsError(path, f"layer_ids is not a list of layer ids: {str(ids)[:80]}")
+    if "aux_layer_ids" in config and config["aux_layer_ids"] != ids[:-1]:
+        raise SpeculatorsError(
+            path, f"aux_layer_ids {config['aux_layer_ids']} != layer_ids[:-1] {ids[:-1]}"
+        )
+    for name in ("integrity", "manifest"):
+        if name in config and not isinstance(config[name], dict):
+            raise SpeculatorsError(path, f"{name} is not an object")
+    rms = config.get("integrity", {}).get("layer_token_rms")
+    if rms is not None and not (
+        isinstance(rms, dict)
+        and set(rms) == {str(i) for i in ids}
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in rms.values())
+    ):
+        raise SpeculatorsError(
+            path, f"integrity.layer_token_rms is not one RMS per layer id {ids}: {str(rms)[:80]}"
+        )
 
 
 def dtype_from_name(name: str) -> torch.dtype:

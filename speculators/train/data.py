@@ -20,7 +20,10 @@ from speculators.errors import SpeculatorsError
 from speculators.hidden_states.integrity import check_layers, layer_stats
 from speculators.hidden_states.store import (
     DATA_CONFIG,
+    FP8_FORMAT_VERSION,
     MANIFEST,
+    ids_problem,
+    mask_problem,
     read_data_config,
     read_manifest,
     read_sample,
@@ -48,6 +51,7 @@ class HiddenStatesData:
     num_loss_tokens: int
     dropped: int = 0  # samples of a single token: nothing to predict after alignment
     dtypes: tuple[str, ...] = ()  # stored dtype of each folder (fp8 is dequantised on read)
+    vocab_size: int | None = None  # the target's: sample ids are checked against it on load
 
     @property
     def aux_layer_ids(self) -> list[int]:
@@ -73,7 +77,15 @@ class HiddenStatesData:
         if not folders:
             raise SpeculatorsError("--data", "no hidden-states folder given")
         layer_ids, samples, loss_tokens, dropped, dtypes = None, [], 0, 0, []
+        seen: dict[Path, Path] = {}
         for folder in map(Path, folders):
+            # `--data hs ./hs/` (or a link to hs) would count every sample twice, and put
+            # copies of training samples into validation.
+            first = seen.setdefault(folder.resolve(), folder)
+            if first is not folder:
+                raise SpeculatorsError(
+                    folder, f"given twice in --data (the same folder as {first}): remove one"
+                )
             where = folder / DATA_CONFIG
             cfg = read_data_config(folder)
             dtypes.append(cfg["dtype"])
@@ -103,7 +115,7 @@ class HiddenStatesData:
                 )
             layer_ids = ids
             lengths = cfg["data"]["sample_lengths"]
-            check_files(folder, len(lengths), verify_hashes)
+            check_files(folder, len(lengths), verify_hashes, cfg)
             loss_tokens += int(cfg["data"].get("num_loss_tokens", 1))
             for idx, n in enumerate(lengths):
                 # A 1-token sample has nothing to predict once inputs and targets are shifted.
@@ -118,7 +130,10 @@ class HiddenStatesData:
         if dropped:
             log.warning("%d single-token samples left out (nothing to predict)", dropped)
         folders = [Path(f) for f in folders]
-        return cls(folders, layer_ids, hidden_size, samples, loss_tokens, dropped, tuple(dtypes))
+        return cls(
+            folders, layer_ids, hidden_size, samples, loss_tokens, dropped, tuple(dtypes),
+            vocab_size,
+        )  # fmt: skip
 
     def split(self, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
         """Seeded (train, val) sample indices; validation holds out whole samples."""
@@ -150,10 +165,32 @@ def load_vocab_mapping(d2t_path, t2d_path, vocab_size: int) -> tuple[torch.Tenso
     return d2t, t2d
 
 
-def check_files(folder: Path, num_samples: int, hashes: bool) -> None:
-    """Sizes (and with `hashes` sha256) of a folder's samples against its manifest.json."""
+def check_files(folder: Path, num_samples: int, hashes: bool, cfg: dict | None = None) -> None:
+    """Sizes (and with `hashes` sha256) of a folder's samples against its manifest.json.
+
+    Only a format-1 folder whose data_config.json records no manifest (`cfg`) may lack one:
+    it was captured before manifests existed. Every fp8 (format 2) capture wrote one.
+    """
     if not (folder / MANIFEST).is_file():
-        log.warning("%s: no %s (captured by an older version): sizes not checked", folder, MANIFEST)
+        cfg = cfg or {}
+        if cfg.get("format_version") == FP8_FORMAT_VERSION:
+            raise SpeculatorsError(
+                folder,
+                f"no {MANIFEST}, but this format_version {FP8_FORMAT_VERSION} folder was written"
+                " with one: sizes and hashes cannot be checked (copy it along, or re-capture)",
+            )
+        if "manifest" in cfg:
+            raise SpeculatorsError(
+                folder,
+                f"no {MANIFEST}, but {DATA_CONFIG} records one: sizes and hashes cannot be"
+                " checked (copy it along, or re-capture)",
+            )
+        log.warning(
+            "%s: no %s (captured by an older version): sizes%s not checked",
+            folder,
+            MANIFEST,
+            " and sha256" if hashes else "",
+        )
         return
     for idx, entry in enumerate(read_manifest(folder, num_samples)):
         path = sample_path(folder, idx)
@@ -173,12 +210,16 @@ def check_files(folder: Path, num_samples: int, hashes: bool) -> None:
         log.info("%s: %d samples match %s (sizes and sha256)", folder, num_samples, MANIFEST)
 
 
-def load_sample(ref: SampleRef, num_states: int, hidden_size: int, layer_ids=None) -> dict:
+def load_sample(
+    ref: SampleRef, num_states: int, hidden_size: int, layer_ids=None, vocab_size=None
+) -> dict:
     """The aligned sample (model inputs shifted against targets), length `ref.length`.
 
     fp8 samples are dequantised with their per-token scales into float32 (the batch dtype;
     autocast casts to the compute dtype). With `layer_ids`, a zero or constant layer (the
-    integrity checks of the capture) raises SpeculatorsError naming the file and layer id.
+    integrity checks of the capture) raises SpeculatorsError naming the file and layer id;
+    so do fp8 scales that are not finite and > 0, a loss mask other than 0/1 and (with
+    `vocab_size`) token ids outside the vocabulary.
     """
     from speculators.models.eagle3 import align_sample
 
@@ -203,6 +244,11 @@ def load_sample(ref: SampleRef, num_states: int, hidden_size: int, layer_ids=Non
             raise SpeculatorsError(ref.path, f"no {key} tensor in the sample")
         if raw[key].shape != (n,):
             raise SpeculatorsError(ref.path, f"{key} length != {n} per data_config")
+    problem = mask_problem(raw["loss_mask"])
+    if vocab_size and not problem:
+        problem = ids_problem(raw["input_ids"], vocab_size)
+    if problem:  # a 2 would weigh a token twice, a -1 reward the wrong prediction
+        raise SpeculatorsError(ref.path, problem)
     if layer_ids is not None:
         check_layers(layer_stats(states), layer_ids, ref.path, allow_non_finite=True)
     return align_sample(raw["input_ids"], states, raw["loss_mask"])
@@ -284,7 +330,10 @@ class BatchLoader:
             return empty_batch(self.capacity, h * (self.num_states - 1), h)
         refs = [self.ref(i) for i in bin_]
         ids = self.data.layer_ids
-        batch = pack_batch([load_sample(r, self.num_states, h, ids) for r in refs], self.capacity)
+        v = self.data.vocab_size
+        batch = pack_batch(
+            [load_sample(r, self.num_states, h, ids, v) for r in refs], self.capacity
+        )
         if self.noise > 0:
             # Uniform in [-noise, noise) on the aux states only; padding stays zero.
             g = noise_generator(self.seed, epoch, step, rank)
