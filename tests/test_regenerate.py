@@ -161,7 +161,8 @@ def test_truncated_answer_is_marked_counted_and_ends_the_conversation():
     generated on it (the target never finished that reply)."""
 
     def cut_first(target, conversations, *args):
-        return [regenerate.Answer(f"re{len(c)}", len(c) == 1) for c in conversations]
+        # A cut inside a multi-byte character decodes to U+FFFD, which is not the target's text.
+        return [regenerate.Answer(f"re{len(c)}\ufffd", len(c) == 1) for c in conversations]
 
     conv = [
         {"role": "user", "content": "U1"},

@@ -180,6 +180,8 @@ def regenerate_batch(
                 counts["empty_answers"] += 1
                 active.discard(i)
                 continue
+            if truncated:  # a cut inside a multi-byte character decodes to U+FFFD: drop it
+                text = text.rstrip("\ufffd")
             message = {"role": "assistant", "content": text}
             if truncated:
                 message["truncated"] = True
