@@ -180,11 +180,10 @@ def regenerate_batch(
                 counts["empty_answers"] += 1
                 active.discard(i)
                 continue
-            if truncated:  # a cut inside a multi-byte character decodes to U+FFFD: drop it
-                text = text.rstrip("\ufffd")
             message = {"role": "assistant", "content": text}
             if truncated:
-                message["truncated"] = True
+                # A cut inside a multi-byte character decodes to U+FFFD: not the target's text.
+                message.update(content=text.rstrip("\ufffd"), truncated=True)
                 counts["truncated_answers"] += 1
                 active.discard(i)
             done[i].append(message)
