@@ -69,7 +69,7 @@ def measure(args) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from speculators.devices import describe, target_compute_dtype
+    from speculators.devices import default_device, describe, target_compute_dtype
 
     convs = first_turns(args.chats, args.rows)
     # The floor's matmul rate first, before an engine's worker processes compete for the cores.
@@ -104,7 +104,7 @@ def measure(args) -> dict:
     rate = tokens / seconds
     return {
         "backend": args.backend,
-        "device": describe("cuda" if torch.cuda.is_available() else "cpu"),
+        "device": describe(default_device()),
         "compute_dtype": str(compute).removeprefix("torch."),
         "conversations": len(convs),
         "max_new_tokens": args.max_new_tokens,

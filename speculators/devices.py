@@ -204,6 +204,13 @@ def dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def default_device() -> str:
+    """ "cuda" when this process sees a GPU, else "cpu"."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def target_compute_dtype(target, device=None):
     """`compute_dtype` for a target folder or Hugging Face id, from its config's dtype; `device`
     None means this process's default device (CUDA when visible)."""
@@ -211,7 +218,7 @@ def target_compute_dtype(target, device=None):
     from transformers import AutoConfig
 
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device()
     config = AutoConfig.from_pretrained(target)
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(stored, str):

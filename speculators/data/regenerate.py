@@ -18,6 +18,7 @@ from speculators.data import sources
 from speculators.devices import (
     add_gpus_argument,
     check_job_gpus,
+    default_device,
     dtype_name,
     target_compute_dtype,
 )
@@ -43,12 +44,11 @@ MICRO_BATCH = 32
 
 @functools.lru_cache(maxsize=1)
 def _load_target(target: str):
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(target)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device()
         dtype = target_compute_dtype(target, device)
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).to(device).eval()
     except Exception as e:

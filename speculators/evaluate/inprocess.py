@@ -15,7 +15,13 @@ from pathlib import Path
 
 import torch
 
-from speculators.devices import add_gpus_argument, check_job_gpus, compute_dtype, describe
+from speculators.devices import (
+    add_gpus_argument,
+    check_job_gpus,
+    compute_dtype,
+    default_device,
+    describe,
+)
 from speculators.errors import SpeculatorsError
 from speculators.evaluate import add_common_arguments, check_common_arguments
 from speculators.evaluate.prompts import PromptSpec, follow_up, load_prompts, render_within
@@ -284,7 +290,7 @@ def evaluate(
 
 def _device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(default_device())
     try:
         device = torch.device(name)
     except RuntimeError:

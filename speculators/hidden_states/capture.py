@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from speculators.devices import describe, dtype_name, target_compute_dtype
+from speculators.devices import default_device, describe, dtype_name, target_compute_dtype
 from speculators.errors import SpeculatorsError
 from speculators.hidden_states.store import SampleStore, dtype_from_name, resolve_layer_ids
 from speculators.targets import target_dims
@@ -204,14 +204,10 @@ def resolve_device(device: str, gpus: int | None = None) -> str:
         if device == "auto":
             return "cuda" if gpus > 0 else "cpu"  # a CPU job leaves a node's GPUs alone
     if device == "auto":
-        return _default_device()
+        return default_device()
     if device == "cuda" and not torch.cuda.is_available():
         raise SpeculatorsError("--device", "cuda requested but no GPU is visible")
     return device
-
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_model(target: str, device: str, dtype: torch.dtype):
@@ -404,7 +400,7 @@ def _probe(args, store: SampleStore, lengths: Sequence[int], device: str | None)
         return None
     store.complete(len(lengths))
     if device is None:  # vLLM backend: the engine is gone, its GPU (if any) is free again
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device()
     # The capture's own compute precision, so the reference has the capture's numerics.
     dtype = target_compute_dtype(args.target, device)
     return integrity.probe(args.target, store, indices, device=device, dtype=dtype)
