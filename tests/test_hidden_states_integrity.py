@@ -343,7 +343,7 @@ def test_foreign_size_states_caught_by_verify_and_trainer(finished, capsys):
     # Even with a manifest that agrees (copied along with the file), the shape gives it away.
     manifest = json.loads((finished / "manifest.json").read_text())
     manifest["samples"][0]["bytes"] = (finished / "data_0.pt").stat().st_size
-    (finished / "manifest.json").write_text(json.dumps(manifest))
+    _write_manifest(finished, manifest)
     assert "data_0.pt: hidden state is not [17, 128]" in _verify_error(capsys, finished)
     ref = type("Ref", (), {"path": finished / "data_0.pt", "length": 16})
     with pytest.raises(SpeculatorsError, match=r"hidden state \(17, 64\) != \(17, 128\)"):
@@ -397,6 +397,18 @@ def test_vocab_of_other_data_is_refused(tiny_llama, tmp_path):
 # -- review findings: unreadable files, malformed metadata, tampering the manifest agrees with ------
 
 
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    """Rewrite manifest.json and the sha256 data_config.json records of it (as a thorough
+    tamperer would), so that the checks behind the manifest's own hash are what is tested."""
+    import hashlib
+
+    text = json.dumps(manifest)
+    (folder / "manifest.json").write_text(text)
+    cfg = json.loads((folder / "data_config.json").read_text())
+    cfg["manifest"]["sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    (folder / "data_config.json").write_text(json.dumps(cfg))
+
+
 def _rehash(folder: Path, idx: int) -> None:
     """Make manifest.json agree with the (changed) sample `idx`: only content checks can tell."""
     import hashlib
@@ -404,7 +416,7 @@ def _rehash(folder: Path, idx: int) -> None:
     manifest = json.loads((folder / "manifest.json").read_text())
     data = (folder / f"data_{idx}.pt").read_bytes()
     manifest["samples"][idx].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    _write_manifest(folder, manifest)
 
 
 def _resave(folder: Path, idx: int, change) -> None:
@@ -501,7 +513,7 @@ def test_data_config_that_contradicts_itself_is_refused(finished, capsys, change
 def test_manifest_that_contradicts_itself_is_refused(finished, capsys, change, problem):
     manifest = json.loads((finished / "manifest.json").read_text())
     change(manifest)
-    (finished / "manifest.json").write_text(json.dumps(manifest))
+    _write_manifest(finished, manifest)
     assert f"manifest.json: {problem}" in _verify_error(capsys, finished)
     with pytest.raises(SpeculatorsError, match=re.escape(problem)):
         _train_open(finished)
@@ -535,3 +547,34 @@ def test_scales_and_masks_a_consistent_manifest_cannot_vouch_for(finished, capsy
     vocab = config(finished)["target"]["vocab_size"]
     with pytest.raises(SpeculatorsError, match=re.escape(where)):
         load_sample(SampleRef(finished / "data_0.pt", 16), 4, H, LAYER_IDS, vocab)
+
+
+def test_manifest_replaced_after_capture_is_refused_by_its_recorded_hash(finished, tmp_path, capsys):
+    # Another capture's manifest of the same sample count, sizes and hashes rewritten to match
+    # changed samples: self-consistent, but not the manifest data_config.json recorded.
+    manifest = json.loads((finished / "manifest.json").read_text())
+    manifest["samples"][0]["sha256"] = "0" * 64
+    (finished / "manifest.json").write_text(json.dumps(manifest))
+    line = _verify_error(capsys, finished)
+    assert "manifest.json: sha256" in line and "that data_config.json recorded" in line
+    with pytest.raises(SpeculatorsError, match="replaced or edited after the capture"):
+        _train_open(finished)
+    (finished / "manifest.json").unlink()
+    with pytest.raises(SpeculatorsError, match="no manifest.json, but this format_version 2"):
+        _train_open(finished)
+    assert "manifest.json: missing, but data_config.json records one" in _verify_error(
+        capsys, finished
+    )
+
+
+def test_stray_sample_files_fail_verify_and_are_named_by_the_trainer(finished, capsys, caplog):
+    import shutil
+
+    for name in ("data_4.pt", "data_17.pt"):
+        shutil.copy(finished / "data_0.pt", finished / name)
+    line = _verify_error(capsys, finished)
+    assert "2 sample files not in 4-sample manifest.json: data_4.pt, data_17.pt" in line
+    with caplog.at_level("WARNING"):
+        data = _train_open(finished)
+    assert [s.path.name for s in data.samples] == [f"data_{i}.pt" for i in range(4)]
+    assert "2 data_*.pt files beyond the 4 samples of data_config.json are not read" in caplog.text

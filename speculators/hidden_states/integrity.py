@@ -338,13 +338,14 @@ def verify_folder(folder: str | Path, *, hashes: bool = True) -> dict:
         dtype_from_name,
         read_data_config,
         read_manifest,
+        stray_files,
     )
 
     folder = Path(folder)
     started = time.perf_counter()
     cfg = read_data_config(folder)
     lengths = cfg["data"]["sample_lengths"]
-    manifest = read_manifest(folder, len(lengths))
+    manifest = read_manifest(folder, len(lengths), cfg.get("manifest"))
     store = SampleStore(
         folder,
         hidden_size=cfg["target"]["hidden_size"],
@@ -353,8 +354,15 @@ def verify_folder(folder: str | Path, *, hashes: bool = True) -> dict:
         vocab_size=cfg["target"]["vocab_size"],
     )
     problems: list[tuple] = []  # (where, problem)
-    counts = {"missing": 0, "size": 0, "hash": 0, "schema": 0, "degenerate": 0}
+    counts = {"missing": 0, "size": 0, "hash": 0, "schema": 0, "degenerate": 0, "stray": 0}
     nbytes = 0
+    stray = stray_files(folder, len(lengths))
+    if stray:
+        counts["stray"] = len(stray)
+        shown = ", ".join(stray[:3]) + (", ..." if len(stray) > 3 else "")
+        problems.append(
+            (folder, f"{len(stray)} sample files not in {len(lengths)}-sample manifest.json: {shown}")
+        )
     for idx, (n, entry) in enumerate(zip(lengths, manifest)):
         path = store.path(idx)
         if not path.is_file():

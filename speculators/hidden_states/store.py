@@ -533,11 +533,27 @@ def write_manifest(output_dir: str | os.PathLike, entries: Sequence[dict]) -> di
     }
 
 
-def read_manifest(folder: str | os.PathLike, num_samples: int) -> list[dict]:
+def read_manifest(
+    folder: str | os.PathLike, num_samples: int, recorded: dict | None = None
+) -> list[dict]:
     """The `num_samples` entries of a folder's manifest.json, each `{"file": "data_<i>.pt",
     "bytes": int, "sha256": hex}` in index order (one-line error if absent, foreign or not
-    agreeing with itself)."""
+    agreeing with itself). `recorded` is data_config.json's `manifest` summary: when it has a
+    `sha256`, manifest.json's bytes must hash to it, so a manifest copied from another capture
+    or edited by hand is refused rather than trusted."""
     path = Path(folder) / MANIFEST
+    want = (recorded or {}).get("sha256")
+    if want is not None:
+        try:
+            got = hashlib.sha256(path.read_bytes()).hexdigest()
+        except FileNotFoundError:
+            raise SpeculatorsError(path, f"missing, but {DATA_CONFIG} records one") from None
+        if got != want:
+            raise SpeculatorsError(
+                path,
+                f"sha256 {got[:12]}... differs from the {want[:12]}... that {DATA_CONFIG}"
+                " recorded: replaced or edited after the capture",
+            )
     body = read_json(path)
     samples = body.get("samples") if isinstance(body, dict) else None
     if not isinstance(samples, list) or len(samples) != num_samples:
@@ -563,6 +579,19 @@ def read_manifest(folder: str | os.PathLike, num_samples: int) -> list[dict]:
                 path, f"entry {idx} is not {name} with its bytes and sha256: {str(e)[:120]}"
             )
     return samples
+
+
+def stray_files(folder: str | os.PathLike, num_samples: int) -> list[str]:
+    """Names of `data_*.pt` files in `folder` that are not samples 0..num_samples-1 (copied in
+    from elsewhere, or left by another capture), sorted by index where there is one."""
+    expected = {FILE_PATTERN.format(idx=i) for i in range(num_samples)}
+    names = [p.name for p in Path(folder).glob("data_*.pt") if p.name not in expected]
+
+    def order(name: str):
+        stem = name[len("data_") : -len(".pt")]
+        return (0, int(stem), name) if stem.isdigit() else (1, 0, name)
+
+    return sorted(names, key=order)
 
 
 def _is_int(x) -> bool:

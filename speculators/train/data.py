@@ -26,6 +26,7 @@ from speculators.hidden_states.store import (
     mask_problem,
     read_data_config,
     read_manifest,
+    stray_files,
     read_sample,
     sample_path,
     sample_states,
@@ -192,7 +193,18 @@ def check_files(folder: Path, num_samples: int, hashes: bool, cfg: dict | None =
             " and sha256" if hashes else "",
         )
         return
-    for idx, entry in enumerate(read_manifest(folder, num_samples)):
+    stray = stray_files(folder, num_samples)
+    if stray:
+        log.warning(
+            "%s: %d data_*.pt files beyond the %d samples of %s are not read (%s%s)",
+            folder,
+            len(stray),
+            num_samples,
+            DATA_CONFIG,
+            ", ".join(stray[:3]),
+            ", ..." if len(stray) > 3 else "",
+        )
+    for idx, entry in enumerate(read_manifest(folder, num_samples, (cfg or {}).get("manifest"))):
         path = sample_path(folder, idx)
         try:
             size = path.stat().st_size
