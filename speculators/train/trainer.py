@@ -568,5 +568,9 @@ def publish(args, target: Path, data, d2t, t2d, tcfg: dict, summary: dict) -> No
         write_json(tmp / "train_summary.json", summary)
         for f in tmp.iterdir():  # some writers create private (0600) files
             f.chmod(0o644)
-    log.info("published %s (best epoch %s by %s)", args.output, summary["best_epoch"],
-             summary["select_best_by"])
+    log.info(
+        "published %s (best epoch %s by %s)",
+        args.output,
+        summary["best_epoch"],
+        summary["select_best_by"],
+    )
