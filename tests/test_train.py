@@ -674,7 +674,7 @@ def test_train_rule_passes_every_train_key_to_the_command(tmp_path):
         "total_seq_len": 4096, "noise": 0.1, "val_fraction": 0.2, "norm_before_residual": False,
         "norm_before_fc": True, "intermediate_size": 1024, "checkpoint_every": 50, "seed": 3,
         "loggers": ["tensorboard", "wandb"], "gpus": 2, "nodes": 1, "mem_gb": 40,
-        "save_embeddings": False,
+        "save_embeddings": False, "select_best_by": "loss",
     }  # fmt: skip
     cfg = {
         "models": {"m": {"path": "org/some-model"}},
