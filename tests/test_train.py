@@ -194,6 +194,22 @@ def test_work_folder_of_an_older_version_publishes_its_lowest_loss_epoch(
     assert summary["best_epoch_by"] == {"acceptance": 0, "loss": 1}  # history from the log
 
 
+def test_without_a_validation_split_both_criteria_publish_the_last_epoch(
+    tiny_llama, chat_states, tmp_path
+):
+    data, d2t, t2d = chat_states
+    trainer.run(train_args(tiny_llama, data, d2t, t2d, tmp_path, "--val-fraction", 0,
+                           "--epochs", 2))  # fmt: skip
+    summary = json.loads((tmp_path / "draft" / "train_summary.json").read_text())
+    assert summary["samples"]["val"] == 0
+    assert summary["select_best_by"] == "acceptance" and summary["best_epoch"] == 1
+    assert summary["best_epoch_by"] == {"acceptance": None, "loss": None}
+    assert [h["loss"] for h in summary["val_history"]] == [None, None]
+    a = torch.load(tmp_path / "work" / "best_acceptance.pt", weights_only=True)
+    b = torch.load(tmp_path / "work" / "best_model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same, latest weights
+
+
 def test_two_layer_draft_trains_without_nan(tiny_llama, chat_states, tmp_path):
     data, d2t, t2d = chat_states
     trainer.run(train_args(tiny_llama, data, d2t, t2d, tmp_path, "--num-layers", 2,
