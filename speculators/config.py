@@ -75,6 +75,13 @@ def validate_config(
 
 
 def _check_references(config: dict, source: str) -> None:
+    for name, ds in config["datasets"].items():
+        if ds.get("local_copy", "auto") != "auto" and ds["source"] != "sharegpt":
+            raise SpeculatorsError(
+                source,
+                f"datasets.{name}.local_copy: only the sharegpt source has a local copy"
+                f" (source is {ds['source']!r})",
+            )
     for run_name, run in config["runs"].items():
         if run["target"] not in config["models"]:
             raise SpeculatorsError(

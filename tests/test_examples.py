@@ -11,7 +11,7 @@ from examples_support import EXAMPLES, STANDINS, planned_example
 
 from speculators.config import validate_config
 
-ASSET_RULES = {"assets_export_model", "assets_export_chats"}
+ASSET_RULES = {"assets_export_model", "assets_export_chats", "assets_sharegpt_copy"}
 # Stages whose rule resources carry the stage's `gpus` key.
 GPU_STAGE_OF_RULE = {
     "prepare_regenerate": "regenerate",

@@ -182,7 +182,8 @@ def cli_train_flags(tiny_llama, generated, vocab, save: str) -> list:
     d2t, t2d = vocab
     flags = ["train", "--target", tiny_llama, "--data", generated["ref"] / "gen" / "chats",
              "--d2t", d2t, "--t2d", t2d, "--output", f"{save}/checkpoint_best",
-             "--work-dir", f"{save}/work", "--loggers"]  # fmt: skip
+             "--work-dir", f"{save}/work", "--select-best-by", "loss",  # the reference's pick
+             "--loggers"]  # fmt: skip
     for flag, value in TRAIN_FLAGS.items():
         flags += [flag, value]
     return flags

@@ -166,6 +166,23 @@ def test_large_evaluator_disagreement_is_flagged(run_files):
     assert 'class="flag"' in html
 
 
+def test_published_epoch_and_its_criterion_are_plotted_and_named(run_files):
+    summary_file = run_files / "results" / RUN / "draft" / "train_summary.json"
+    summary = json.loads(summary_file.read_text())
+    history = [{"epoch": 0, "loss": 4.5, "acceptance_length_estimate": 1.45},
+               {"epoch": 1, "loss": 4.2, "acceptance_length_estimate": 1.61},
+               {"epoch": 2, "loss": 4.1, "acceptance_length_estimate": 1.52}]  # fmt: skip
+    summary.update(select_best_by="acceptance", best_epoch=1, val_history=history,
+                   best_epoch_by={"acceptance": 1, "loss": 2})  # fmt: skip
+    summary_file.write_text(json.dumps(summary))
+    html, md, _ = _report(run_files)
+    assert html.count("data:image/png;base64,") == 5  # the epoch-selection plot besides the four
+    assert "Published: epoch 1, chosen by acceptance (train.select_best_by)" in md
+    assert "by validation loss: epoch 2" in md
+    assert "val_history" not in md  # the history is plotted, not dumped into the summary table
+    assert "| best_epoch_by.loss | 2 |" in md
+
+
 def test_missing_training_files_do_not_crash(run_files):
     draft = run_files / "results" / RUN / "draft"
     (draft / "metrics.jsonl").unlink()

@@ -81,13 +81,16 @@ def test_loss_falls_and_published_draft_reloads(tiny_llama, chat_states, tmp_pat
     summary = json.loads((draft / "train_summary.json").read_text())
     assert summary["steps"] == len(train) and summary["skipped_steps"] == 0
     assert summary["samples"] == {"train": 11, "val": 1} and summary["dropped_samples"] == 0
-    best = min(val, key=lambda r: r["loss"])
-    assert summary["best_epoch"] == best["epoch"]
+    # The default criterion: the highest validation acceptance estimate (ties: lower loss).
+    best = min(val, key=lambda r: (-r["acceptance_length_estimate"], r["loss"]))
+    assert summary["select_best_by"] == "acceptance" and summary["best_epoch"] == best["epoch"]
+    assert summary["best_val_acceptance_length_estimate"] == best["acceptance_length_estimate"]
+    assert [h["loss"] for h in summary["val_history"]] == [r["loss"] for r in val]
     assert (tmp_path / "work" / "tensorboard").is_dir()
 
     # The published weights are the best epoch's, and load back through load_draft.
     model = load_draft(draft)
-    best_state = torch.load(tmp_path / "work" / "best_model.pt", weights_only=True)
+    best_state = torch.load(tmp_path / "work" / "best_acceptance.pt", weights_only=True)
     own = model.state_dict()
     for name in ("fc.weight", "layers.0.self_attn.q_proj.weight", "lm_head.weight"):
         assert torch.equal(own[name], best_state[name].to(torch.bfloat16).float()), name
@@ -96,6 +99,115 @@ def test_loss_falls_and_published_draft_reloads(tiny_llama, chat_states, tmp_pat
     assert cfg["draft_vocab_size"] == DRAFT_VOCAB
     assert cfg["speculators_config"]["verifier"]["name_or_path"] == str(tiny_llama)
     assert not list(tmp_path.glob(".draft.*"))  # no temporary folder left behind
+
+
+def test_best_epoch_by_acceptance_and_by_loss_on_a_history_where_they_disagree():
+    history = [
+        {"epoch": 0, "loss": 3.0, "acceptance_length_estimate": 1.50},
+        {"epoch": 1, "loss": 2.0, "acceptance_length_estimate": 1.90},  # acceptance peaks
+        {"epoch": 2, "loss": 1.5, "acceptance_length_estimate": 1.80},  # loss keeps falling
+        {"epoch": 3, "loss": math.nan, "acceptance_length_estimate": None},  # diverged
+        {"epoch": 4, "loss": 1.4, "acceptance_length_estimate": 1.70},
+    ]
+    assert trainer.best_epoch(history, "acceptance") == 1
+    assert trainer.best_epoch(history, "loss") == 4
+    # Ties: the lower loss, then the earlier epoch.
+    tied = [*history, {"epoch": 5, "loss": 1.9, "acceptance_length_estimate": 1.90}]
+    assert trainer.best_epoch(tied, "acceptance") == 5
+    again = [*history, {"epoch": 5, "loss": 2.0, "acceptance_length_estimate": 1.90}]
+    assert trainer.best_epoch(again, "acceptance") == 1
+    # Nothing finite (no validation split, or every epoch diverged): no best epoch.
+    assert trainer.best_epoch([history[3], {"epoch": 5, "loss": None}], "acceptance") is None
+    with pytest.raises(SpeculatorsError, match="select-best-by"):
+        trainer.best_epoch(history, "perplexity")
+
+
+def _disagreeing_validation(monkeypatch, figures):
+    """Validation that reports `figures[epoch]` = (loss, acceptance estimate) instead of the
+    measured ones, so that the two criteria pick different epochs."""
+    real, calls = trainer.evaluate, []
+
+    def evaluate(model, loader, bins, a, env):
+        val = real(model, loader, bins, a, env)
+        loss, acceptance = figures[len(calls)]
+        calls.append(1)
+        return val | {"loss": loss, "acceptance_length_estimate": acceptance}
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    return calls
+
+
+def test_criteria_that_disagree_publish_their_own_epoch_and_switching_only_republishes(
+    tiny_llama, chat_states, tmp_path, monkeypatch, caplog
+):
+    from safetensors.torch import load_file
+
+    data, d2t, t2d = chat_states
+    _disagreeing_validation(monkeypatch, [(3.0, 1.4), (2.5, 1.9), (2.0, 1.6)])
+    args = train_args(tiny_llama, data, d2t, t2d, tmp_path)
+    trainer.run(args)
+    summary = json.loads((tmp_path / "draft" / "train_summary.json").read_text())
+    assert summary["select_best_by"] == "acceptance" and summary["best_epoch"] == 1
+    assert summary["best_epoch_by"] == {"acceptance": 1, "loss": 2}
+    assert summary["best_val_loss"] == 2.5
+    assert summary["best_val_acceptance_length_estimate"] == 1.9
+    assert [(h["epoch"], h["loss"], h["acceptance_length_estimate"])
+            for h in summary["val_history"]] == [(0, 3.0, 1.4), (1, 2.5, 1.9), (2, 2.0, 1.6)]  # fmt: skip
+    work = tmp_path / "work"
+    by_acceptance = torch.load(work / "best_acceptance.pt", weights_only=True)
+    by_loss = torch.load(work / "best_model.pt", weights_only=True)
+    assert not torch.equal(by_acceptance["fc.weight"], by_loss["fc.weight"])
+    published = load_file(tmp_path / "draft" / "model.safetensors")
+    assert torch.equal(published["fc.weight"], by_acceptance["fc.weight"].to(torch.bfloat16))
+
+    # The criterion is no trajectory setting: asking for loss republishes without a step.
+    monkeypatch.setattr(trainer, "train_step", lambda *a, **kw: pytest.fail("retrained"))
+    caplog.set_level("INFO")
+    trainer.run(train_args(tiny_llama, data, d2t, t2d, tmp_path, "--select-best-by", "loss"))
+    assert "resumed from" in caplog.text and "not resuming" not in caplog.text
+    summary = json.loads((tmp_path / "draft" / "train_summary.json").read_text())
+    assert summary["select_best_by"] == "loss" and summary["best_epoch"] == 2
+    published = load_file(tmp_path / "draft" / "model.safetensors")
+    assert torch.equal(published["fc.weight"], by_loss["fc.weight"].to(torch.bfloat16))
+
+
+def test_work_folder_of_an_older_version_publishes_its_lowest_loss_epoch(
+    tiny_llama, chat_states, tmp_path, monkeypatch, caplog
+):
+    data, d2t, t2d = chat_states
+    _disagreeing_validation(monkeypatch, [(3.0, 1.9), (2.0, 1.5)])
+    args = train_args(tiny_llama, data, d2t, t2d, tmp_path, "--epochs", 2)
+    trainer.run(args)
+    # What an older version left: progress without history, only best_model.pt.
+    state_file = tmp_path / "work" / "checkpoint" / "train_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    for key in ("val_history", "saved_best"):
+        del state["progress"][key]
+    state["progress"].update(best_epoch=1, best_val_loss=2.0)
+    torch.save(state, state_file)
+    (tmp_path / "work" / "best_acceptance.pt").unlink()
+    caplog.set_level("WARNING")
+    trainer.run(args)
+    assert "older version" in caplog.text
+    summary = json.loads((tmp_path / "draft" / "train_summary.json").read_text())
+    assert summary["select_best_by"] == "loss" and summary["best_epoch"] == 1
+    assert summary["best_epoch_by"] == {"acceptance": 0, "loss": 1}  # history from the log
+
+
+def test_without_a_validation_split_both_criteria_publish_the_last_epoch(
+    tiny_llama, chat_states, tmp_path
+):
+    data, d2t, t2d = chat_states
+    trainer.run(train_args(tiny_llama, data, d2t, t2d, tmp_path, "--val-fraction", 0,
+                           "--epochs", 2))  # fmt: skip
+    summary = json.loads((tmp_path / "draft" / "train_summary.json").read_text())
+    assert summary["samples"]["val"] == 0
+    assert summary["select_best_by"] == "acceptance" and summary["best_epoch"] == 1
+    assert summary["best_epoch_by"] == {"acceptance": None, "loss": None}
+    assert [h["loss"] for h in summary["val_history"]] == [None, None]
+    a = torch.load(tmp_path / "work" / "best_acceptance.pt", weights_only=True)
+    b = torch.load(tmp_path / "work" / "best_model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same, latest weights
 
 
 def test_two_layer_draft_trains_without_nan(tiny_llama, chat_states, tmp_path):
@@ -578,7 +690,7 @@ def test_train_rule_passes_every_train_key_to_the_command(tmp_path):
         "total_seq_len": 4096, "noise": 0.1, "val_fraction": 0.2, "norm_before_residual": False,
         "norm_before_fc": True, "intermediate_size": 1024, "checkpoint_every": 50, "seed": 3,
         "loggers": ["tensorboard", "wandb"], "gpus": 2, "nodes": 1, "mem_gb": 40,
-        "save_embeddings": False,
+        "save_embeddings": False, "select_best_by": "loss",
     }  # fmt: skip
     cfg = {
         "models": {"m": {"path": "org/some-model"}},

@@ -132,7 +132,7 @@ def _has_chats(selection: sources.Selection) -> bool:
 
 
 def read_selection(args) -> sources.Selection:
-    rows = sources.load_rows(args.source, args.split)
+    rows = sources.load_rows(args.source, args.split, args.local_copy, args.local_copy_path)
     selection = sources.presplit(rows, args.source, pretokenized=True)
     if selection is None:
         selection = sources.select(
@@ -267,6 +267,7 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", required=True, help="chat source or a regenerated JSONL")
     p.add_argument("--split", default=None, help="dataset split (default: the source's own)")
     p.add_argument("--dataset-name", required=True, help="name recorded in the statistics")
+    sources.add_local_copy_arguments(p)
     p.add_argument("--seq-length", type=int, default=2048, help="truncate rows to N tokens")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle and held-out split")
     p.add_argument("--max-samples", type=int, default=None, help="training conversations kept")

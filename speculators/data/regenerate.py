@@ -310,6 +310,8 @@ OPTIONS = (
     "target",
     "source",
     "split",
+    "local_copy",
+    "local_copy_path",
     "dataset_name",
     "seed",
     "max_samples",
@@ -381,7 +383,7 @@ def run(args) -> None:
     if args.backend == "vllm" and not vllm_importable():
         return _run_in_vllm_env(args)
     generate = backend(args.backend)
-    rows = sources.load_rows(args.source, args.split)
+    rows = sources.load_rows(args.source, args.split, args.local_copy, args.local_copy_path)
     selection = sources.select(rows, args.seed, args.eval_prompts, args.max_samples)
     if not selection.train:
         held = (
@@ -425,6 +427,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", required=True, help="chat source (name, HF id or local file)")
     p.add_argument("--split", default=None, help="dataset split (default: the source's own)")
     p.add_argument("--dataset-name", required=True, help="name recorded in the metadata")
+    sources.add_local_copy_arguments(p)
     add_gpus_argument(p)
     p.add_argument("--seed", type=int, default=0, help="selection and sampling seed")
     p.add_argument("--max-samples", type=int, default=None, help="training conversations kept")

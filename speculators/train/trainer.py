@@ -26,7 +26,13 @@ from speculators.fileio import atomic_path, write_json
 from speculators.train import distributed, launch
 from speculators.train.checkpoint import Checkpointer, load_trainable_state_dict
 from speculators.train.data import BatchLoader, HiddenStatesData, load_vocab_mapping
-from speculators.train.metrics import STAT_KINDS, MetricsLog, stats_vector, summarize
+from speculators.train.metrics import (
+    STAT_KINDS,
+    MetricsLog,
+    finite_or_none,
+    stats_vector,
+    summarize,
+)
 from speculators.train.optim import SCHEDULERS, build_optimizer, build_scheduler
 from speculators.train.packing import plan_epoch
 from speculators.vocab import check_vocab_source
@@ -41,6 +47,10 @@ TRAJECTORY_KEYS = (
     "scheduler", "warmup_fraction", "grad_clip", "total_seq_len", "noise", "val_fraction",
     "norm_before_residual", "norm_before_fc", "intermediate_size", "seed", "precision",
 )  # fmt: skip
+# The published epoch's criterion (`--select-best-by`) and the file in the work folder holding
+# each criterion's best weights. Both are kept during training, so a changed criterion only
+# republishes: it is no trajectory key and never retrains.
+BEST_FILES = {"acceptance": "best_acceptance.pt", "loss": "best_model.pt"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -86,6 +96,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--noise", type=float, default=0.05, help="uniform noise on the aux states")
     t.add_argument("--val-fraction", type=float, default=0.1)
     t.add_argument("--checkpoint-every", type=int, default=500, help="optimizer steps")
+    t.add_argument(
+        "--select-best-by", choices=list(BEST_FILES), default="acceptance",
+        help="published epoch: highest validation acceptance-length estimate, or lowest loss",
+    )  # fmt: skip
     t.add_argument("--seed", type=int, default=0)
     t.add_argument(
         "--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -286,6 +300,27 @@ def evaluate(model, loader: BatchLoader, bins, args, env) -> dict | None:
     return val
 
 
+def best_epoch(history: list[dict], by: str) -> int | None:
+    """The epoch `--select-best-by` publishes, from the per-epoch validation records
+    `{"epoch", "loss", "acceptance_length_estimate"}` (None where validation gave no finite
+    figure). `acceptance`: highest teacher-forced acceptance-length estimate, ties to the lower
+    loss, then the earlier epoch; `loss`: lowest validation loss, ties to the earlier epoch.
+    None when no epoch has a finite figure (no validation split, or every epoch diverged)."""
+    key = "acceptance_length_estimate" if by == "acceptance" else "loss"
+    if by not in BEST_FILES:
+        raise SpeculatorsError("--select-best-by", f"{by!r} is not one of {list(BEST_FILES)}")
+
+    def finite(x) -> bool:
+        return isinstance(x, (int, float)) and math.isfinite(x)
+
+    rows = [r for r in history if finite(r.get(key)) and finite(r.get("loss"))]
+    if not rows:
+        return None
+    if by == "acceptance":
+        return min(rows, key=lambda r: (-r[key], r["loss"], r["epoch"]))["epoch"]
+    return min(rows, key=lambda r: (r["loss"], r["epoch"]))["epoch"]
+
+
 def _sample_files(loader: BatchLoader, bin_, documents) -> list[str]:
     return [str(loader.ref(bin_[d]).path) for d in documents]
 
@@ -350,9 +385,14 @@ def train(args: argparse.Namespace, env: distributed.DistEnv) -> None:
     progress = progress or {
         "epoch": 0, "step_in_epoch": 0, "global_step": 0, "skipped_steps": 0,
         "best_val_loss": math.inf, "best_epoch": None, "wall_time_s": 0.0,
-        "nonfinite_in_a_row": 0,
+        "nonfinite_in_a_row": 0, "val_history": [], "saved_best": {},
     }  # fmt: skip
     progress.setdefault("nonfinite_in_a_row", 0)  # checkpoints of older versions
+    if "val_history" not in progress:  # a checkpoint of an older version: lowest-loss weights
+        progress["saved_best"] = {"loss": progress["best_epoch"]}  # only, history in the log
+        progress["val_history"] = distributed.broadcast_object(
+            val_history_from_log(args.work_dir / "metrics.jsonl", progress["epoch"]), env
+        )
     metrics = MetricsLog(
         args.work_dir, args.loggers, env.is_main, vars(args) | {"world_size": world},
         resume_step=progress["global_step"],
@@ -433,22 +473,30 @@ def train(args: argparse.Namespace, env: distributed.DistEnv) -> None:
             log.info("epoch %d validation: loss %.4f, full_acc %s, acceptance length ~%.2f",
                      epoch, val["loss"], [round(a, 3) for a in val["full_acc"]],
                      val["acceptance_length_estimate"])  # fmt: skip
-        if val is None:  # nothing to validate on: the latest weights are the best known
-            progress.update(best_epoch=epoch)
-            ckpt.save_best(model)
-        elif val["loss"] < progress["best_val_loss"]:
-            progress.update(best_val_loss=val["loss"], best_epoch=epoch)
-            ckpt.save_best(model)
+        progress["val_history"].append({
+            "epoch": epoch,
+            "loss": val["loss"] if val else None,
+            "acceptance_length_estimate": (val or {}).get("acceptance_length_estimate"),
+        })  # fmt: skip
+        # Each criterion keeps its own best weights; with nothing to validate on, the latest.
+        improved = [by for by in BEST_FILES
+                    if val is None or best_epoch(progress["val_history"], by) == epoch]  # fmt: skip
+        if improved:
+            ckpt.save_best(model, [BEST_FILES[by] for by in improved])
+            progress["saved_best"].update(dict.fromkeys(improved, epoch))
         progress.update(epoch=epoch + 1, step_in_epoch=0)
         progress["wall_time_s"] = time.perf_counter() - started
         ckpt.save(model, optimizer, scheduler, progress)
 
     # -- publish the best weights, last and atomically ----------------------------------------
     metrics.close()
-    if progress["best_epoch"] is None:  # validation never gave a finite loss: publish the last
+    selected_by, chosen = published_epoch(progress, args.select_best_by)
+    if chosen is None:  # validation never gave a finite loss: publish the last
         log.warning("no finite validation loss in any epoch; publishing the last weights")
-        ckpt.save_best(model)
+        ckpt.save_best(model, [BEST_FILES[selected_by]])
     if env.is_main:
+        history = progress["val_history"]
+        record = next((r for r in history if r["epoch"] == chosen), {})
         summary = {
             "steps": progress["global_step"],
             "epochs": args.epochs,
@@ -458,14 +506,42 @@ def train(args: argparse.Namespace, env: distributed.DistEnv) -> None:
             "padding_only_bins": sum(p.empty_bins for p in plans),
             "skipped_steps": progress["skipped_steps"],
             "dropped_samples": data.dropped,
-            "best_epoch": progress["best_epoch"],
-            "best_val_loss": (
-                progress["best_val_loss"] if math.isfinite(progress["best_val_loss"]) else None
-            ),
+            "select_best_by": selected_by,
+            "best_epoch": chosen,
+            "best_val_loss": record.get("loss"),
+            "best_val_acceptance_length_estimate": record.get("acceptance_length_estimate"),
+            "best_epoch_by": {by: best_epoch(history, by) for by in BEST_FILES},
+            "val_history": history,
             "wall_time_s": round(progress["wall_time_s"], 1),
         }
-        publish(args, target, data, d2t, t2d, tcfg, summary)
+        publish(args, target, data, d2t, t2d, tcfg, finite_or_none(summary))
     distributed.barrier(env)
+
+
+def val_history_from_log(path: Path, epochs: int) -> list[dict]:
+    """Per-epoch validation records of the first `epochs` epochs from a metrics.jsonl."""
+    history = {}
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            r = json.loads(line) if line.strip() else {}
+            if r.get("split") == "val" and r["epoch"] < epochs:
+                history[r["epoch"]] = {k: r.get(k) for k in ("epoch", "loss",
+                                                             "acceptance_length_estimate")}  # fmt: skip
+    return [history[e] for e in sorted(history)]
+
+
+def published_epoch(progress: dict, select_best_by: str) -> tuple[str, int | None]:
+    """(criterion, epoch) of the weights to publish. A work folder of an older version holds
+    only the lowest-loss weights: asked for `acceptance`, it publishes those and says so."""
+    history, saved = progress["val_history"], progress["saved_best"]
+    chosen = best_epoch(history, select_best_by)
+    if chosen is None and any(r["loss"] is None for r in history):  # no validation split
+        return select_best_by, saved.get(select_best_by)
+    if chosen is not None and saved.get(select_best_by) != chosen:
+        log.warning("the work folder holds no weights of epoch %s (best by %s; made by an older"
+                    " version); publishing the lowest-loss epoch instead", chosen, select_best_by)  # fmt: skip
+        return "loss", best_epoch(history, "loss")
+    return select_best_by, chosen
 
 
 def publish(args, target: Path, data, d2t, t2d, tcfg: dict, summary: dict) -> None:
@@ -473,7 +549,7 @@ def publish(args, target: Path, data, d2t, t2d, tcfg: dict, summary: dict) -> No
     from speculators.models.io import save_draft
 
     model = build_model(args, target, data, d2t, t2d)
-    best = torch.load(args.work_dir / "best_model.pt", weights_only=True)
+    best = torch.load(args.work_dir / BEST_FILES[summary["select_best_by"]], weights_only=True)
     load_trainable_state_dict(model, best, full=True)
     with atomic_path(args.output, is_dir=True) as tmp:
         # A local target by absolute path: `vllm serve <draft>` reads it from any directory.
@@ -492,4 +568,9 @@ def publish(args, target: Path, data, d2t, t2d, tcfg: dict, summary: dict) -> No
         write_json(tmp / "train_summary.json", summary)
         for f in tmp.iterdir():  # some writers create private (0600) files
             f.chmod(0o644)
-    log.info("published %s (best epoch %s)", args.output, summary["best_epoch"])
+    log.info(
+        "published %s (best epoch %s by %s)",
+        args.output,
+        summary["best_epoch"],
+        summary["select_best_by"],
+    )
