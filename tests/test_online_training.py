@@ -206,4 +206,4 @@ def test_online_data_refuses_a_folder_that_is_not_prepared(tiny_llama, tmp_path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(SpeculatorsError, match="not a prepared dataset"):
         online.OnlineData([tmp_path / "empty"], tiny_llama, hidden_size=128, vocab_size=512,
-                          num_layers=4)  # fmt: skip
+                          num_layers=4, layer_ids=[1, 2, 4])  # fmt: skip
