@@ -207,3 +207,42 @@ def test_online_data_refuses_a_folder_that_is_not_prepared(tiny_llama, tmp_path)
     with pytest.raises(SpeculatorsError, match="not a prepared dataset"):
         online.OnlineData([tmp_path / "empty"], tiny_llama, hidden_size=128, vocab_size=512,
                           num_layers=4, layer_ids=[1, 2, 4])  # fmt: skip
+
+
+@pytest.mark.slow
+def test_online_workflow_runs_end_to_end_without_a_capture(tiny_llama, chat_jsonl, tmp_path):
+    """`snakemake` on a tiny target with hidden_states.mode: online: no capture job, nothing
+    under hidden_states/, a draft, its report saying online and 0 bytes written."""
+    import yaml
+    from conftest import run_snakemake
+
+    cfg = {
+        "models": {"tiny": {"path": str(tiny_llama)}},
+        "datasets": {"chats": {"source": str(chat_jsonl)}},
+        "runs": {"r": {
+            "target": "tiny", "datasets": {"chats": {}},
+            "prepare": {"seq_length": 64, "eval_prompts": 2},
+            "hidden_states": {"mode": "online", "dtype": "float32", "layer_ids": [1, 2, 4]},
+            "vocab": {"draft_vocab_size": 64},
+            "train": {"epochs": 2, "ttt_steps": 2, "total_seq_len": 128, "loggers": []},
+            "evaluate": {"num_prompts": 2, "max_new_tokens": 6, "vllm": "off"},
+        }},
+    }  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    work = tmp_path / "work"
+    dry = run_snakemake(work, "-n", configfile=tmp_path / "config.yaml")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "hidden_states_capture" not in dry.stdout and "train_draft" in dry.stdout
+    proc = run_snakemake(work, configfile=tmp_path / "config.yaml")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    res = work / "results" / "r"
+    assert not (res / "hidden_states").exists()
+    log = (work / "logs/train/draft/r.log").read_text()
+    assert "online: target" in log
+    summary = json.loads((res / "draft" / "train_summary.json").read_text())
+    assert summary["hidden_states"]["mode"] == "online"
+    assert summary["hidden_states"]["bytes_written"] == 0
+    report = (res / "report" / "report.md").read_text()
+    assert "Hidden-states source" in report and "online" in report
+    again = run_snakemake(work, configfile=tmp_path / "config.yaml")
+    assert "Nothing to be done" in again.stdout + again.stderr
