@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from train_fixtures import chat_tokens, write_vocab
+from test_train import parse, train_parser
+from train_fixtures import chat_tokens, kill_once_exists, write_vocab
 
-from speculators.cli import build_parser, main
+from speculators.cli import main
 from speculators.errors import SpeculatorsError
 from speculators.train import launch, online, trainer
 from speculators.train.distributed import DistEnv
@@ -50,12 +49,6 @@ def prepared(tiny_llama, tmp_path_factory):
     vocab = json.loads((tiny_llama / "config.json").read_text())["vocab_size"]
     d2t, t2d = write_vocab(root / "vocab", vocab, DRAFT_VOCAB, captures["float32"])
     return folder, captures, d2t, t2d
-
-
-def parse(*argv):
-    argv = ["train", *map(str, argv)]
-    parser, _ = build_parser(argv)
-    return parser.parse_args(argv)
 
 
 def args_for(target, data, d2t, t2d, out, *extra):
@@ -129,9 +122,8 @@ def test_killed_online_run_resumes_to_the_uninterrupted_result(tiny_llama, prepa
     def command(name):
         args = args_for(tiny_llama, folder, d2t, t2d, tmp_path / name, *online_flags(),
                         "--checkpoint-every", 3, "--noise", 0.05)  # fmt: skip
-        parser = __import__("argparse").ArgumentParser()
-        trainer.add_arguments(parser)
-        return [sys.executable, "-m", "speculators.cli", "train", *launch.to_argv(parser, args)]
+        argv = launch.to_argv(train_parser(), args)
+        return [sys.executable, "-m", "speculators.cli", "train", *argv]
 
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
     full = subprocess.run(command("full"), capture_output=True, text=True, env=env)
@@ -141,13 +133,7 @@ def test_killed_online_run_resumes_to_the_uninterrupted_result(tiny_llama, prepa
     hold = env | {"SPECULATORS_TEST_HOLD_MARKER": str(marker),
                   "PYTHONPATH": os.pathsep.join([str(TESTS / "hold_after_checkpoint"),
                                                  env["PYTHONPATH"]])}  # fmt: skip
-    proc = subprocess.Popen(command("killed"), env=hold, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_once_exists(command("killed"), marker, env=hold)
     assert marker.exists() and not (tmp_path / "killed" / "draft").exists()
 
     rerun = subprocess.run(command("killed"), capture_output=True, text=True, env=env)
@@ -164,8 +150,7 @@ def test_two_gloo_processes_online_equal_capture_then_train(tiny_llama, prepared
     """2 processes under FSDP2, each running the target on its own bins only, equal one
     offline process on the same batches (the loss is a global token mean)."""
     folder, captures, d2t, t2d = prepared
-    parser = __import__("argparse").ArgumentParser()
-    trainer.add_arguments(parser)
+    parser = train_parser()
 
     def run_two(data, name, *extra):
         args = args_for(tiny_llama, data, d2t, t2d, tmp_path / name, *extra,
