@@ -144,11 +144,12 @@ class OnlineData(TrainingData):
     # -- what the fingerprint and the summary say ----------------------------------------------
 
     def settings(self) -> dict:
-        """What makes online states differ (part of the resume fingerprint)."""
+        """What makes online states differ (part of the resume fingerprint; after `attach`)."""
         return {
             "mode": self.mode,
             "layer_ids": self.layer_ids,
             "dtype": self.dtype_name,
+            "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
             "batch_tokens": self.batch_tokens,
         }
 
