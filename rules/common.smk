@@ -209,9 +209,21 @@ def vllm_python_flag(wildcards):
     return _flag("--vllm-python", config["vllm_python"])
 
 
+def is_online(run):
+    """hidden_states.mode: online: no capture job; train runs the target on prepared rows."""
+    return RUNS[run]["hidden_states"]["mode"] == "online"
+
+
 def hidden_states_configs(run):
-    """data_config.json of each dataset of a run (the samples sit beside it)."""
+    """data_config.json of each dataset of a run (the samples sit beside it); none online."""
+    if is_online(run):
+        return []
     return [f"results/{run}/hidden_states/{d}/data_config.json" for d in RUNS[run]["datasets"]]
+
+
+def prepared_datasets(run):
+    """The prepared Arrow folder of each dataset of a run."""
+    return [f"results/{run}/prepared/{d}/dataset" for d in RUNS[run]["datasets"]]
 
 
 def vocab_files(run):
@@ -260,9 +272,32 @@ def run_data_configs(wildcards):
 
 
 def train_data_dirs(wildcards):
-    """`--data` of train: the folder of each dataset's data_config.json, shell-quoted."""
-    dirs = [str(Path(p).parent) for p in hidden_states_configs(wildcards.run)]
+    """`--data` of train: the folder of each dataset's data_config.json (online: each prepared
+    dataset folder), shell-quoted."""
+    if is_online(wildcards.run):
+        dirs = prepared_datasets(wildcards.run)
+    else:
+        dirs = [str(Path(p).parent) for p in hidden_states_configs(wildcards.run)]
     return " ".join(shlex.quote(d) for d in dirs)
+
+
+def train_prepared_inputs(wildcards):
+    """Online runs train on the prepared datasets directly: their folders and stats.json (written
+    with them, the marker that a dataset is complete) are inputs; nothing offline."""
+    if not is_online(wildcards.run):
+        return []
+    return prepared_datasets(wildcards.run) + prepared_stats(wildcards)
+
+
+def train_hidden_states_flags(wildcards):
+    """`--hidden-states-mode`, and online the capture settings train applies itself (layer ids,
+    storage rounding, padded tokens per target forward); offline these belong to the capture."""
+    hs = RUNS[wildcards.run]["hidden_states"]
+    if not is_online(wildcards.run):
+        return "--hidden-states-mode offline"
+    flags = ["--hidden-states-mode online", layer_ids_flag(wildcards)]
+    flags += [f"--hidden-states-dtype {hs['dtype']}", f"--batch-tokens {hs['batch_tokens']}"]
+    return " ".join(f for f in flags if f)
 
 
 def run_d2t(wildcards):
@@ -300,8 +335,9 @@ def train_nproc_per_node(wildcards):
 
 
 def hidden_states_dirs(wildcards):
-    """Hidden-state folders, only measured by the report (they may have been cleaned up)."""
-    return [f"results/{wildcards.run}/hidden_states/{d}" for d in RUNS[wildcards.run]["datasets"]]
+    """Hidden-state folders, only measured by the report (they may have been cleaned up); none
+    for an online run."""
+    return [str(Path(p).parent) for p in hidden_states_configs(wildcards.run)]
 
 
 def run_config_json(wildcards):
@@ -319,7 +355,9 @@ def final_outputs():
         outputs.append(f"results/{run}/draft")
         outputs.append(f"results/{run}/report/report.html")
         # With cleanup the hidden states are temp(): asking for them would keep them.
-        if config["cleanup_hidden_states"]:
+        if is_online(run):
+            pass  # nothing captured, nothing to clean up
+        elif config["cleanup_hidden_states"]:
             outputs.append(f"results/{run}/hidden_states/cleanup.json")
         else:
             outputs += hidden_states_configs(run)

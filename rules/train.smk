@@ -1,4 +1,5 @@
-# Stage 3: train the run's EAGLE-3 draft on its hidden states; results/<run>/draft/ is written
+# Stage 3: train the run's EAGLE-3 draft on its hidden states (offline: the captured folders;
+# online: the prepared datasets, the target runs inside the job); results/<run>/draft/ is written
 # last. Checkpoints go to the undeclared results/<run>/train_work/ (Snakemake deletes the
 # declared outputs of a failed job), so rerunning a killed job resumes where it stopped.
 
@@ -6,6 +7,7 @@
 rule train_draft:
     input:
         data_configs=run_data_configs,
+        prepared=train_prepared_inputs,
         d2t=run_d2t,
         t2d=run_t2d,
         token_freq=run_token_freq,
@@ -27,6 +29,7 @@ rule train_draft:
     params:
         target=target_of,
         data=train_data_dirs,
+        hidden_states=train_hidden_states_flags,
         work_dir="results/{run}/train_work",
         num_layers=lookup(dpath="runs/{run}/train/num_layers", within=config),
         ttt_steps=lookup(dpath="runs/{run}/train/ttt_steps", within=config),
@@ -51,7 +54,7 @@ rule train_draft:
     shell:
         "speculators train --target {params.target:q} --data {params.data}"
         " --d2t {input.d2t:q} --t2d {input.t2d:q} --token-freq {input.token_freq:q}"
-        " --output {output:q}"
+        " --output {output:q} {params.hidden_states}"
         " --work-dir {params.work_dir:q} --num-layers {params.num_layers}"
         " --ttt-steps {params.ttt_steps} --ttt-step-loss-decay {params.decay}"
         " --epochs {params.epochs} --lr {params.lr} --weight-decay {params.weight_decay}"

@@ -11,7 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_fixtures import write_hidden_states, write_random_states, write_vocab
+from train_fixtures import (
+    kill_once_exists,
+    write_hidden_states,
+    write_random_states,
+    write_vocab,
+)
 
 from speculators.cli import build_parser
 from speculators.errors import SpeculatorsError
@@ -322,10 +327,7 @@ def test_two_process_fsdp_run_equals_single_process_run(tiny_llama, chat_states,
 def test_killed_two_process_run_resumes_to_the_uninterrupted_result(
     tiny_llama, chat_states, tmp_path
 ):
-    import os
-    import signal
     import subprocess
-    import time
 
     _, d2t, t2d = chat_states
     data = write_random_states(tmp_path / "hs", tiny_llama, [41] * 24, random_masks=True)
@@ -347,13 +349,7 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(
 
     # SIGKILL torchrun and both workers as soon as the first checkpoint is in place.
     state = tmp_path / "killed" / "work" / "checkpoint" / "train_state.pt"
-    proc = subprocess.Popen(command("killed"), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_once_exists(command("killed"), state)
     assert state.exists() and not (tmp_path / "killed" / "draft").exists()
 
     rerun = subprocess.run(command("killed"), capture_output=True, text=True)

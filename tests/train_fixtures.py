@@ -146,3 +146,20 @@ def checkpoint_resume_worker(rank: int, world: int, work: str, port: int, finger
     dist.barrier()
     Path(out, f"rank{rank}.json").write_text(json.dumps(progress))
     dist.destroy_process_group()
+
+
+def kill_once_exists(cmd: list[str], ready: Path, env: dict | None = None, poll: float = 0.02):
+    """Run `cmd` in its own session and SIGKILL it with all its children (torchrun's workers)
+    as soon as `ready` exists (or it ended, or 300 s passed)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(poll)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -210,24 +210,64 @@ def resolve_device(device: str, gpus: int | None = None) -> str:
     return device
 
 
-def load_model(target: str, device: str, dtype: torch.dtype):
+def load_model(target: str, device: str | torch.device, dtype: torch.dtype, *, spread: bool = True):
+    """The target in `dtype` on `device`, frozen and in eval mode. With `spread` and several
+    visible GPUs it is split across them (`device_map="auto"`); the trainer's online source
+    passes `spread=False`: each rank holds its own copy on its own GPU."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": dtype}
-    if device == "cuda" and torch.cuda.device_count() > 1:
+    if spread and str(device) == "cuda" and torch.cuda.device_count() > 1:
         kwargs["device_map"] = "auto"  # a target too big for one GPU is split across them
     model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
     if "device_map" not in kwargs:
         model.to(device)
+    model.requires_grad_(False)
     return model.eval()
 
 
-def _write_batch(store: SampleStore, items, states: list[torch.Tensor]) -> None:
-    """Write rows `items` = [(position in batch, idx, input_ids, loss_mask)] of a batch."""
-    for j, idx, ids, mask in items:
-        n = len(ids)  # padding is never stored
+def forward_rows(
+    capture: LayerCapture, rows: Sequence[Sequence[int]], batch_tokens: int | None = None
+) -> list[list[torch.Tensor]]:
+    """The captured states of token rows, one forward per batch, as CPU tensors per row.
+
+    `rows` are right-padded to the longest row of their batch (an attention mask keeps
+    padding out, so rows never attend to each other); with `batch_tokens` they are first
+    split as `plan_batches` splits a capture (longest first, at most that many padded tokens
+    per forward), else all go in one batch. Returns, per row in the given order, one
+    `[len(row), H]` tensor per captured layer, in the model's compute dtype. Running out of
+    accelerator memory raises SpeculatorsError naming hidden_states.batch_tokens.
+    """
+    lengths = [len(r) for r in rows]
+    plan = plan_batches(lengths, batch_tokens) if batch_tokens else [list(range(len(rows)))]
+    device = next(capture.decoder.parameters()).device
+    out: list[list[torch.Tensor]] = [[] for _ in rows]
+    for batch in plan:
+        width = max(lengths[i] for i in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        attn = torch.zeros(len(batch), width, dtype=torch.long)
+        for j, i in enumerate(batch):
+            ids[j, : lengths[i]] = torch.as_tensor(rows[i], dtype=torch.long)
+            attn[j, : lengths[i]] = 1
+        try:
+            with torch.inference_mode():
+                states = capture(ids.to(device), attn.to(device))
+        except torch.OutOfMemoryError:
+            raise SpeculatorsError(
+                "hidden_states.batch_tokens",
+                f"{batch_tokens} tokens per batch ran out of memory",
+            ) from None
+        states = [s.to("cpu") for s in states]
+        for j, i in enumerate(batch):  # padding is never handed on
+            out[i] = [s[j, : lengths[i]] for s in states]
+    return out
+
+
+def _write_batch(store: SampleStore, items) -> None:
+    """Write rows `items` = [(idx, input_ids, loss_mask, states)] of a batch."""
+    for idx, ids, mask, states in items:
         ids_t, mask_t = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
-        store.write(idx, ids_t, [s[j, :n] for s in states], mask_t)
+        store.write(idx, ids_t, states, mask_t)
 
 
 def capture_transformers(
@@ -247,7 +287,6 @@ def capture_transformers(
     # store's dtype: SampleStore.write casts (fp8: quantises per token).
     model = load_model(target, device, target_compute_dtype(target, device))
     capture = LayerCapture(model, store.layer_ids)
-    first_device = next(model.parameters()).device
     todo_set = set(todo)
     batches = [b for b in plan_batches(lengths, batch_tokens) if todo_set.intersection(b)]
     total = sum(lengths[i] for i in todo)
@@ -261,30 +300,17 @@ def capture_transformers(
         pending = None
         for batch in batches:
             rows = columns[batch]
-            width = lengths[batch[0]]
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            attn = torch.zeros(len(batch), width, dtype=torch.long)
-            for j, row in enumerate(rows["input_ids"]):
-                ids[j, : len(row)] = torch.tensor(row)
-                attn[j, : len(row)] = 1
-            try:
-                with torch.inference_mode():
-                    states = capture(ids.to(first_device), attn.to(first_device))
-            except torch.OutOfMemoryError:
-                raise SpeculatorsError(
-                    "hidden_states.batch_tokens",
-                    f"{batch_tokens} tokens per batch ran out of memory",
-                ) from None
-            states = [s.to("cpu") for s in states]
+            # One plan batch is one forward (its rows fit batch_tokens by construction).
+            states = forward_rows(capture, rows["input_ids"])
             if pending is not None:
                 pending.result()  # re-raises a write error
             items = [
-                (j, idx, rows["input_ids"][j], rows["loss_mask"][j])
+                (idx, rows["input_ids"][j], rows["loss_mask"][j], states[j])
                 for j, idx in enumerate(batch)
                 if idx in todo_set
             ]
-            pending = writer.submit(_write_batch, store, items, states)
-            bar.update(sum(len(item[2]) for item in items))
+            pending = writer.submit(_write_batch, store, items)
+            bar.update(sum(len(item[1]) for item in items))
         if pending is not None:
             pending.result()
     capture.remove()

@@ -129,6 +129,16 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> tor
     return (q.to(torch.float32) * scale.to(torch.float32)[:, None]).to(dtype)
 
 
+def storage_round(state: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`state` [seq, H] as a capture stored in `dtype` and the trainer read back: float32 on
+    the CPU, rounded exactly as `SampleStore.write` then `sample_states` round it (a cast, or
+    fp8 quantise -> dequantise with per-token scales). Online training hands these over, so
+    its batches equal an offline run's."""
+    if dtype == FP8:
+        return dequantize(*quantize(state), torch.float32)
+    return _own_copy(state, dtype).to(torch.float32)
+
+
 def load_problem(e: BaseException) -> str:
     """One short line for why `torch.load` failed on a file (damaged, foreign or random bytes)."""
     first = (str(e).splitlines() or [""])[0].split(". ")[0][:120]

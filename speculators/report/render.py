@@ -409,9 +409,36 @@ def acceptance_section(inputs: RunInputs) -> Section:
     return s
 
 
+def hidden_states_source_section(inputs: RunInputs) -> Section | None:
+    """Where training got its hidden states (train_summary.json `hidden_states`): offline
+    (captured files) or online (the target ran during training), the target's forward time as
+    a share of the training wall time, and the bytes written under hidden_states/."""
+    src = (inputs.train_summary or {}).get("hidden_states")
+    if not src:
+        return None
+    s = Section("Hidden-states source")
+    share = src.get("target_forward_share")
+    written = src.get("bytes_written")
+    s.table(
+        ["mode", "target forward s", "share of training wall time", "hidden states written MiB"],
+        [[src.get("mode"), src.get("target_forward_s"), _pct(share),
+          None if written is None else round(written / 2**20, 1)]],
+    )  # fmt: skip
+    if src.get("mode") == "online":
+        s.text(
+            "Online: the target ran on every training and validation batch (replicated on each"
+            " process); no hidden state was written. Each further epoch repeats that forward time."
+        )
+    return s
+
+
 def build_sections(inputs: RunInputs) -> list[Section]:
-    return [summary_section(inputs), provenance_section(inputs), time_section(inputs),
-            data_section(inputs), training_section(inputs), acceptance_section(inputs)]  # fmt: skip
+    sections = [summary_section(inputs), provenance_section(inputs), time_section(inputs),
+                data_section(inputs), training_section(inputs), acceptance_section(inputs)]  # fmt: skip
+    source = hidden_states_source_section(inputs)
+    if source is not None:
+        sections.insert(4, source)  # after the data section
+    return sections
 
 
 def run_summary(inputs: RunInputs, report_path: Path) -> dict:

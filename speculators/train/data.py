@@ -2,10 +2,17 @@
 the vocabulary mapping, and packed per-rank batches (with aux-state noise for training).
 
 A batch is one packed row `[1, total_seq_len]` of whole aligned samples plus padding.
+
+The seam between the loop and where hidden states come from is `TrainingData`: its `samples`
+(lengths, for the split and packing) and `load(refs)` (the aligned samples of one bin). The
+offline source (`HiddenStatesData`, here) reads captured files; the online source
+(`speculators.train.online.OnlineData`) runs the target on prepared rows. `BatchLoader`, the
+packing, the noise and the loop are the same for both.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections.abc import Iterator, Sequence
@@ -26,10 +33,10 @@ from speculators.hidden_states.store import (
     mask_problem,
     read_data_config,
     read_manifest,
-    stray_files,
     read_sample,
     sample_path,
     sample_states,
+    stray_files,
 )
 
 log = logging.getLogger(__name__)
@@ -37,12 +44,49 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SampleRef:
-    path: Path
+    path: Path | str  # the sample file (offline), or "<prepared folder> row <i>" (online)
     length: int  # tokens after alignment (stored length - 1): what the sample packs as
+    row: tuple[int, int] | None = None  # online: (dataset position in --data, row index)
+
+
+class TrainingData:
+    """What the trainer needs of a data source (attributes set by the subclasses):
+    `folders`, `layer_ids`, `hidden_size`, `samples` (`SampleRef`s in a fixed order),
+    `num_loss_tokens`, `dropped`, `vocab_size`; and `load(refs)`."""
+
+    mode = "offline"
+    layer_ids: list[int]
+    samples: list[SampleRef]
+
+    @property
+    def aux_layer_ids(self) -> list[int]:
+        return self.layer_ids[:-1]
+
+    def split(self, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+        """Seeded (train, val) sample indices; validation holds out whole samples."""
+        n = len(self.samples)
+        n_val = round(n * val_fraction) if val_fraction > 0 else 0
+        n_val = min(max(n_val, 1 if val_fraction > 0 else 0), n - 1)
+        if val_fraction > 0 and n_val < 1:
+            raise SpeculatorsError("--val-fraction", f"{n} sample(s): too few to hold any out")
+        order = np.random.default_rng([seed, 0x5A11]).permutation(n).tolist()
+        return sorted(order[n_val:]), sorted(order[:n_val])
+
+    def attach(self, env, draft_parameters: int) -> None:
+        """Called once the draft is built, before the first batch (online: checks that the
+        target fits beside the draft and loads it). Nothing to do offline."""
+
+    def load(self, refs: Sequence[SampleRef]) -> list[dict]:
+        """The aligned samples (`align_sample`'s dict, float32 states) of `refs`, in order."""
+        raise NotImplementedError
+
+    def report(self) -> dict:
+        """What train_summary.json says about the source: mode, target forward time, bytes."""
+        return {"mode": self.mode}
 
 
 @dataclass
-class HiddenStatesData:
+class HiddenStatesData(TrainingData):
     """All samples of one or more hidden-states folders, in folder then index order."""
 
     folders: list[Path]
@@ -53,10 +97,6 @@ class HiddenStatesData:
     dropped: int = 0  # samples of a single token: nothing to predict after alignment
     dtypes: tuple[str, ...] = ()  # stored dtype of each folder (fp8 is dequantised on read)
     vocab_size: int | None = None  # the target's: sample ids are checked against it on load
-
-    @property
-    def aux_layer_ids(self) -> list[int]:
-        return self.layer_ids[:-1]
 
     @classmethod
     def open(
@@ -136,15 +176,17 @@ class HiddenStatesData:
             vocab_size,
         )  # fmt: skip
 
-    def split(self, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-        """Seeded (train, val) sample indices; validation holds out whole samples."""
-        n = len(self.samples)
-        n_val = round(n * val_fraction) if val_fraction > 0 else 0
-        n_val = min(max(n_val, 1 if val_fraction > 0 else 0), n - 1)
-        if val_fraction > 0 and n_val < 1:
-            raise SpeculatorsError("--val-fraction", f"{n} sample(s): too few to hold any out")
-        order = np.random.default_rng([seed, 0x5A11]).permutation(n).tolist()
-        return sorted(order[n_val:]), sorted(order[:n_val])
+    def load(self, refs: Sequence[SampleRef]) -> list[dict]:
+        ids, n = self.layer_ids, len(self.layer_ids)
+        return [load_sample(r, n, self.hidden_size, ids, self.vocab_size) for r in refs]
+
+    def report(self) -> dict:
+        """Offline: the bytes of the sample files this run read (what the capture wrote)."""
+        written = 0
+        for ref in self.samples:
+            with contextlib.suppress(OSError):
+                written += Path(ref.path).stat().st_size
+        return {"mode": self.mode, "target_forward_s": 0.0, "bytes_written": written}
 
 
 def load_vocab_mapping(d2t_path, t2d_path, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,7 +364,7 @@ class BatchLoader:
 
     def __init__(
         self,
-        data: HiddenStatesData,
+        data: TrainingData,
         indices: Sequence[int],
         capacity: int,
         noise: float = 0.0,
@@ -340,12 +382,7 @@ class BatchLoader:
         h = self.data.hidden_size
         if not bin_:
             return empty_batch(self.capacity, h * (self.num_states - 1), h)
-        refs = [self.ref(i) for i in bin_]
-        ids = self.data.layer_ids
-        v = self.data.vocab_size
-        batch = pack_batch(
-            [load_sample(r, self.num_states, h, ids, v) for r in refs], self.capacity
-        )
+        batch = pack_batch(self.data.load([self.ref(i) for i in bin_]), self.capacity)
         if self.noise > 0:
             # Uniform in [-noise, noise) on the aux states only; padding stays zero.
             g = noise_generator(self.seed, epoch, step, rank)

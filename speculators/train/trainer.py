@@ -1,4 +1,6 @@
-"""The `train` subcommand: trains an EAGLE-3 draft on captured hidden states and publishes it.
+"""The `train` subcommand: trains an EAGLE-3 draft on captured hidden states (offline) or on
+states the target computes batch by batch (online, `--hidden-states-mode online`), and
+publishes it.
 
 `train()` is the whole loop, top to bottom; data, packing, sharding, checkpoints and metrics
 live in the sibling modules. Several processes: the command re-launches itself under torchrun.
@@ -25,7 +27,12 @@ from speculators.errors import SpeculatorsError
 from speculators.fileio import atomic_path, write_json
 from speculators.train import distributed, launch
 from speculators.train.checkpoint import Checkpointer, load_trainable_state_dict
-from speculators.train.data import BatchLoader, HiddenStatesData, load_vocab_mapping
+from speculators.train.data import (
+    BatchLoader,
+    HiddenStatesData,
+    TrainingData,
+    load_vocab_mapping,
+)
 from speculators.train.metrics import (
     STAT_KINDS,
     MetricsLog,
@@ -56,7 +63,10 @@ BEST_FILES = {"acceptance": "best_acceptance.pt", "loss": "best_model.pt"}
 def add_arguments(p: argparse.ArgumentParser) -> None:
     io = p.add_argument_group("inputs and outputs")
     io.add_argument("--target", required=True, help="target model folder or Hugging Face id")
-    io.add_argument("--data", required=True, nargs="+", help="hidden-states folder(s)")
+    io.add_argument(
+        "--data", required=True, nargs="+",
+        help="hidden-states folder(s); online: prepared dataset folder(s) (prepare's dataset/)",
+    )  # fmt: skip
     io.add_argument("--d2t", required=True, type=Path, help="d2t.npy of the draft vocabulary")
     io.add_argument("--t2d", required=True, type=Path, help="t2d.npy of the draft vocabulary")
     io.add_argument("--output", required=True, type=Path, help="draft folder to publish")
@@ -74,6 +84,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     io.add_argument(
         "--work-dir", required=True, type=Path, help="checkpoints and logs (resumed if present)"
     )
+    hs = p.add_argument_group("hidden states (hidden_states.* of config/schema.yaml)")
+    hs.add_argument(
+        "--hidden-states-mode", choices=["offline", "online"], default="offline",
+        help="offline: --data are captured folders; online: the target runs on each batch",
+    )  # fmt: skip
+    hs.add_argument(
+        "--layer-ids", type=int, nargs="+", default=None,
+        help="online: aux layer ids then L (default 2 L//2 L-3 L)",
+    )  # fmt: skip
+    hs.add_argument(
+        "--hidden-states-dtype", choices=["bfloat16", "float32", "float8_e4m3fn"],
+        default="bfloat16", help="online: states rounded as a capture would store them",
+    )  # fmt: skip
+    hs.add_argument(
+        "--batch-tokens", type=int, default=8192,
+        help="online: padded tokens per target forward",
+    )  # fmt: skip
     m = p.add_argument_group("draft model (defaults as in config/schema.yaml)")
     m.add_argument("--num-layers", type=int, default=1)
     m.add_argument("--ttt-steps", type=int, default=3)
@@ -137,10 +164,11 @@ def run(args: argparse.Namespace) -> None:
         distributed.shutdown()
 
 
-def resolve_target(target: str) -> Path:
+def resolve_target(target: str, full: bool = False) -> Path:
     """A local folder, or a Hugging Face id resolved to its (cached) snapshot: the JSON files and
     only the safetensors shards that hold the embedding, final norm and LM head (a sharded 70B
-    target is ~140 GB; the draft needs ~3 GB of it)."""
+    target is ~140 GB; the draft needs ~3 GB of it); with `full` (online training runs the
+    target) every shard."""
     if Path(target).is_dir():
         return Path(target)
     from speculators.models.io import target_weight_shards
@@ -149,7 +177,7 @@ def resolve_target(target: str) -> Path:
         from huggingface_hub import snapshot_download
 
         folder = Path(snapshot_download(target, allow_patterns=["*.json"]))
-        shards = target_weight_shards(folder)
+        shards = ["*.safetensors"] if full else target_weight_shards(folder)
         return Path(snapshot_download(target, allow_patterns=["*.json", *shards]))
     except SpeculatorsError:
         raise
@@ -157,17 +185,21 @@ def resolve_target(target: str) -> Path:
         raise SpeculatorsError(target, f"not a local folder, and not downloadable ({e})") from None
 
 
-def input_file_stamps(target: Path, folders) -> list:
+def input_file_stamps(target: Path, folders, data_files=None) -> list:
     """(name, size, mtime) of the files whose rewrite means new inputs of the same shapes: each
     hidden-states folder's data_config.json (written last by every capture) and the target's
     config, index and the shards the draft reads. Re-captured states or a replaced target thus
     never resume (or publish) a checkpoint trained on the old ones; a resume after preemption
     sees the same stamps. Names are relative and symlinks (Hugging Face snapshots) are followed
-    to their blobs, so a new snapshot revision with the same files stamps the same."""
+    to their blobs, so a new snapshot revision with the same files stamps the same.
+    `data_files` [(name, path)] replaces the data_config.json files (online: the prepared
+    datasets' files and the target's weights, `OnlineData.input_files`)."""
     from speculators.models.io import INDEX_FILE, target_weight_shards
 
     files = [(f"data[{i}]/data_config.json", Path(f) / "data_config.json")
              for i, f in enumerate(folders)]  # fmt: skip
+    if data_files is not None:
+        files = list(data_files)
     names = ("config.json", INDEX_FILE, *target_weight_shards(target))
     files += [(f"target/{name}", target / name) for name in names]
     stamps = []
@@ -178,18 +210,47 @@ def input_file_stamps(target: Path, folders) -> list:
     return stamps
 
 
-def fingerprint(args, target: Path, data: HiddenStatesData, d2t, t2d) -> dict:
+def fingerprint(args, target: Path, data: TrainingData, d2t, t2d) -> dict:
+    """What a checkpoint must match to be resumed. An online run adds `online` (layer ids,
+    storage rounding, compute dtype, batch tokens) and stamps the prepared datasets and the
+    target's weights instead of data_config.json files, so an online checkpoint never resumes
+    an offline run or the other way round."""
+
     def digest(obj) -> str:
         return hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:16]
 
     lengths = [s.length for s in data.samples]
-    return {
+    online = data.mode == "online"
+    data_files = data.input_files() if online else None
+    out = {
         "target": str(args.target),
         "data": digest([data.layer_ids, data.hidden_size, lengths]),
-        "input_files": digest(input_file_stamps(target, data.folders)),
+        "input_files": digest(input_file_stamps(target, data.folders, data_files)),
         "vocab": digest([d2t.tolist(), t2d.nonzero().flatten().tolist()]),
         **{k: getattr(args, k) for k in TRAJECTORY_KEYS},
     }
+    if online:
+        out["online"] = data.settings()
+    return out
+
+
+def open_data(args, target: Path, tcfg: dict) -> TrainingData:
+    """The run's data source: captured folders (offline) or prepared datasets + the target."""
+    dims = {
+        "hidden_size": tcfg["hidden_size"],
+        "vocab_size": tcfg["vocab_size"],
+        "num_layers": tcfg["num_hidden_layers"],
+    }
+    if args.hidden_states_mode == "online":
+        from speculators.train.online import OnlineData
+
+        if args.batch_tokens < 1:
+            raise SpeculatorsError("--batch-tokens", "must be at least 1")
+        return OnlineData(
+            args.data, target, layer_ids=args.layer_ids, dtype=args.hidden_states_dtype,
+            batch_tokens=args.batch_tokens, **dims,
+        )  # fmt: skip
+    return HiddenStatesData.open(args.data, verify_hashes=args.verify_hashes, **dims)
 
 
 def autocast(env, precision: str = "auto"):
@@ -346,15 +407,9 @@ def train(args: argparse.Namespace, env: distributed.DistEnv) -> None:
     from speculators.models.eagle3 import target_text_config
 
     # -- data, vocabulary, batches of every epoch (from lengths alone) -----------------------
-    target = resolve_target(args.target)
+    target = resolve_target(args.target, full=args.hidden_states_mode == "online")
     tcfg = target_text_config(target)
-    data = HiddenStatesData.open(
-        args.data,
-        hidden_size=tcfg["hidden_size"],
-        vocab_size=tcfg["vocab_size"],
-        num_layers=tcfg["num_hidden_layers"],
-        verify_hashes=args.verify_hashes,
-    )
+    data = open_data(args, target, tcfg)
     d2t, t2d = load_vocab_mapping(args.d2t, args.t2d, tcfg["vocab_size"])
     if args.token_freq is not None:
         check_vocab_source(args.d2t.parent, args.token_freq)
@@ -377,6 +432,7 @@ def train(args: argparse.Namespace, env: distributed.DistEnv) -> None:
 
     # -- model, optimizer, schedule; resume if a checkpoint exists ---------------------------
     model = build_model(args, target, data, d2t, t2d).to(env.device)
+    data.attach(env, sum(p.numel() for p in model.parameters()))  # online: loads the target
     model = distributed.parallelize(model, env)
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
     scheduler = build_scheduler(optimizer, total_steps, args.warmup_fraction, args.scheduler)
@@ -393,6 +449,13 @@ def train(args: argparse.Namespace, env: distributed.DistEnv) -> None:
         progress["val_history"] = distributed.broadcast_object(
             val_history_from_log(args.work_dir / "metrics.jsonl", progress["epoch"]), env
         )
+    forward_before = progress.get("target_forward_s", 0.0)  # online: of the runs before a resume
+
+    def save_checkpoint():
+        progress["wall_time_s"] = time.perf_counter() - started
+        progress["target_forward_s"] = forward_before + getattr(data, "forward_s", 0.0)
+        ckpt.save(model, optimizer, scheduler, progress)
+
     metrics = MetricsLog(
         args.work_dir, args.loggers, env.is_main, vars(args) | {"world_size": world},
         resume_step=progress["global_step"],
@@ -457,8 +520,7 @@ def train(args: argparse.Namespace, env: distributed.DistEnv) -> None:
             bar.update(1)
             last_of_epoch = step + 1 == len(bins)
             if progress["global_step"] % args.checkpoint_every == 0 and not last_of_epoch:
-                progress["wall_time_s"] = time.perf_counter() - started
-                ckpt.save(model, optimizer, scheduler, progress)
+                save_checkpoint()
         bar.close()
         if epoch_supervised == 0 and epoch_started_at == 0:  # sums are global: same on all ranks
             raise SpeculatorsError(
@@ -485,8 +547,7 @@ def train(args: argparse.Namespace, env: distributed.DistEnv) -> None:
             ckpt.save_best(model, [BEST_FILES[by] for by in improved])
             progress["saved_best"].update(dict.fromkeys(improved, epoch))
         progress.update(epoch=epoch + 1, step_in_epoch=0)
-        progress["wall_time_s"] = time.perf_counter() - started
-        ckpt.save(model, optimizer, scheduler, progress)
+        save_checkpoint()
 
     # -- publish the best weights, last and atomically ----------------------------------------
     metrics.close()
@@ -513,6 +574,7 @@ def train(args: argparse.Namespace, env: distributed.DistEnv) -> None:
             "best_epoch_by": {by: best_epoch(history, by) for by in BEST_FILES},
             "val_history": history,
             "wall_time_s": round(progress["wall_time_s"], 1),
+            "hidden_states": source_summary(data, progress),
         }
         publish(args, target, data, d2t, t2d, tcfg, finite_or_none(summary))
     distributed.barrier(env)
@@ -542,6 +604,18 @@ def published_epoch(progress: dict, select_best_by: str) -> tuple[str, int | Non
                     " version); publishing the lowest-loss epoch instead", chosen, select_best_by)  # fmt: skip
         return "loss", best_epoch(history, "loss")
     return select_best_by, chosen
+
+
+def source_summary(data: TrainingData, progress: dict) -> dict:
+    """train_summary.json's `hidden_states`: the mode, the target's forward seconds (rank 0,
+    all attempts) and their share of the training wall time, the bytes of hidden states written
+    (online 0; offline what the capture wrote for this run's samples)."""
+    out = data.report()
+    forward = progress.get("target_forward_s", 0.0)
+    out["target_forward_s"] = round(forward, 2)
+    wall = progress["wall_time_s"]
+    out["target_forward_share"] = round(forward / wall, 4) if wall > 0 else None
+    return out
 
 
 def publish(args, target: Path, data, d2t, t2d, tcfg: dict, summary: dict) -> None:
