@@ -549,7 +549,9 @@ def test_scales_and_masks_a_consistent_manifest_cannot_vouch_for(finished, capsy
         load_sample(SampleRef(finished / "data_0.pt", 16), 4, H, LAYER_IDS, vocab)
 
 
-def test_manifest_replaced_after_capture_is_refused_by_its_recorded_hash(finished, tmp_path, capsys):
+def test_manifest_replaced_after_capture_is_refused_by_its_recorded_hash(
+    finished, tmp_path, capsys
+):
     # Another capture's manifest of the same sample count, sizes and hashes rewritten to match
     # changed samples: self-consistent, but not the manifest data_config.json recorded.
     manifest = json.loads((finished / "manifest.json").read_text())

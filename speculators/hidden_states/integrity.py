@@ -361,7 +361,10 @@ def verify_folder(folder: str | Path, *, hashes: bool = True) -> dict:
         counts["stray"] = len(stray)
         shown = ", ".join(stray[:3]) + (", ..." if len(stray) > 3 else "")
         problems.append(
-            (folder, f"{len(stray)} sample files not in {len(lengths)}-sample manifest.json: {shown}")
+            (
+                folder,
+                f"{len(stray)} sample files not in {len(lengths)}-sample manifest.json: {shown}",
+            )
         )
     for idx, (n, entry) in enumerate(zip(lengths, manifest)):
         path = store.path(idx)
