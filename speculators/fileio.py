@@ -14,8 +14,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -55,8 +53,11 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
+    """Write `obj` as JSON, atomically. NaN or infinity anywhere in it is a `ValueError` (JSON
+    has no such values; a measurement that does not exist is None = null)."""
+    text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -67,6 +68,8 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def torch_save(obj, path: str | os.PathLike) -> None:
     # Through a file object: saved to a path, torch records the (random) temporary name in
     # the archive and identical objects give different bytes.
+    import torch  # here, so the workflow can import this module without loading torch
+
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
 
