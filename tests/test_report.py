@@ -184,17 +184,22 @@ def test_malformed_input_is_an_error(run_files, capsys):
     assert not (run_files / "results" / RUN / "report" / "report.html").exists()
 
 
-def test_comparison_page_lists_every_run(run_files, tmp_path):
-    _, _, first = _report(run_files)
-    second = dict(
-        first, run="two-layer", num_layers=2, acceptance_length={"transformers": {"3": 1.9}}
-    )
+def _compare(run_files, tmp_path, second: dict):
+    """`speculators compare` on the fixture run's summary and `second`; (html, output path)."""
     p2 = tmp_path / "s2.json"
     p2.write_text(json.dumps(second))
     out = run_files / "results" / "comparison.html"
     assert main(["compare", "--summary", str(run_files / "results" / RUN / "report" / "summary.json"), str(p2),
                  "--output", str(out)]) == 0  # fmt: skip
-    html = out.read_text()
+    return out.read_text(), out
+
+
+def test_comparison_page_lists_every_run(run_files, tmp_path):
+    _, _, first = _report(run_files)
+    second = dict(
+        first, run="two-layer", num_layers=2, acceptance_length={"transformers": {"3": 1.9}}
+    )
+    html, out = _compare(run_files, tmp_path, second)
     assert RUN in html and "two-layer" in html and "K=3: 1.900" in html and "K=3: 1.450" in html
     assert '<a href="tiny-run/report/report.html">' in html
     assert "data:image/png;base64," in html
@@ -274,12 +279,7 @@ def test_comparison_page_stacks_every_runs_results_rows(run_files, tmp_path):
     _, _, first = _report(run_files)
     second = dict(first, run="two-layer", results_table=[dict(r, run="two-layer", draft="2 layer(s), vocab 96")
                                                          for r in first["results_table"]])  # fmt: skip
-    p2 = tmp_path / "s2.json"
-    p2.write_text(json.dumps(second))
-    out = run_files / "results" / "comparison.html"
-    assert main(["compare", "--summary", str(run_files / "results" / RUN / "report" / "summary.json"), str(p2),
-                 "--output", str(out)]) == 0  # fmt: skip
-    html = out.read_text()
+    html, out = _compare(run_files, tmp_path, second)
     results = html.split("Results per run, benchmark and K", 1)[1].split("<h2", 1)[0]
     assert results.count("<tr>") == 1 + 4 and "2 layer(s), vocab 96" in results
     assert "<td>tiny-run</td>" in results and "<td>two-layer</td>" in results

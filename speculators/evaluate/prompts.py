@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from speculators.errors import SpeculatorsError
+from speculators.fileio import json_lines
 
 # ShareGPT-style role names, accepted so user files need no conversion.
 _ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant"}
@@ -70,14 +71,8 @@ def read_prompt_file(path: str | Path) -> list[PromptSpec]:
         raise SpeculatorsError(path, "prompt file not found")
     specs = []
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SpeculatorsError(f"{path}:{lineno}", f"not valid JSON ({e.msg})") from None
-            spec = parse_row(f"{path}:{lineno}", row)
+        for where, row in json_lines(f, path):
+            spec = parse_row(where, row)
             if spec is not None:
                 specs.append(spec)
     return specs
