@@ -144,6 +144,14 @@ def provenance_section(inputs: RunInputs) -> Section:
             f"{ev.get('num_prompts')} prompts, {ev.get('max_new_tokens')} new tokens, "
             f"temperature {ev.get('temperature')}"
         )
+        if ev.get("benchmarks"):
+            evaluation = (
+                "; ".join(
+                    f"{b['name']}: {b.get('num_prompts')} prompts x {b.get('max_new_tokens')} tokens"
+                    for b in ev["benchmarks"]
+                )
+                + f"; temperatures {ev.get('temperatures', [ev.get('temperature')])}"
+            )
     kv = [
         ("run", inputs.run),
         ("target", _first(inputs.run_config.get("target"), target_path)),
