@@ -573,6 +573,9 @@ def test_seeded_prompt_sample_spreads_over_categories_and_moves_with_the_seed(tm
     assert [s.id for s in one] != [s.id for s in two]
     assert [s.id for s in load_prompts([path], 4, seed=1)] == [s.id for s in one]
     assert len(load_prompts([path], 99, seed=1)) == 20
+    # Fewer prompts than categories: the seed also chooses which categories.
+    picks = {tuple(sorted(s.category for s in load_prompts([path], 2, seed=i))) for i in range(8)}
+    assert len(picks) > 1 and all(len(set(p)) == 2 for p in picks)
 
 
 @pytest.mark.parametrize(

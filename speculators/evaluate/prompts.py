@@ -105,12 +105,12 @@ def sample_indices(categories: list[str | None], n: int, seed: int) -> list[int]
     by_cat: dict = {}
     for i, c in enumerate(categories):
         by_cat.setdefault(c, []).append(i)
-    for rows in by_cat.values():
+    groups = list(by_cat.values())
+    for rows in groups:
         rng.shuffle(rows)
+    rng.shuffle(groups)  # which categories come first when n is less than their number
     # Round-robin over the categories: the j-th pick of every category before any (j+1)-th.
-    order = sorted(
-        ((j, ci, i) for ci, rows in enumerate(by_cat.values()) for j, i in enumerate(rows))
-    )
+    order = sorted((j, ci, i) for ci, rows in enumerate(groups) for j, i in enumerate(rows))
     return sorted(i for _, _, i in order[:n])
 
 
