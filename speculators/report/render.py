@@ -106,6 +106,12 @@ def summary_section(inputs: RunInputs) -> Section:
         for r in results:
             headline.append([backend, r["k"], r["acceptance_length"], r.get("speedup")])
     if headline:
+        first = next(r for rs in rows.values() for r in rs)
+        if "benchmark" in first:
+            s.text(
+                f"Benchmark {first['benchmark']} at temperature {first['temperature']:g}; "
+                "every benchmark and temperature is in the Results table above."
+            )
         s.table(["evaluator", "K", "acceptance length", "speed-up"], headline)
     else:
         s.note("No acceptance measurement available yet.")
