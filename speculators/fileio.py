@@ -14,8 +14,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -55,8 +53,11 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
+    """Write `obj` as JSON, atomically. NaN or infinity anywhere in it is a `ValueError` (JSON
+    has no such values; a measurement that does not exist is None = null)."""
+    text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -67,6 +68,8 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def torch_save(obj, path: str | os.PathLike) -> None:
     # Through a file object: saved to a path, torch records the (random) temporary name in
     # the archive and identical objects give different bytes.
+    import torch  # here, so the workflow can import this module without loading torch
+
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
 
@@ -81,3 +84,17 @@ def read_json(path: str | os.PathLike):
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SpeculatorsError(path, f"not valid JSON ({e})") from None
+
+
+def json_lines(lines, where):
+    """Yield (`where:lineno`, parsed row) for each non-blank JSONL line of `lines`; a line that
+    is not JSON is a `SpeculatorsError` naming `where:lineno`."""
+    from speculators.errors import SpeculatorsError
+
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{where}:{lineno}", json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SpeculatorsError(f"{where}:{lineno}", f"not valid JSON ({e.msg})") from None

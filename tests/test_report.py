@@ -201,17 +201,22 @@ def test_malformed_input_is_an_error(run_files, capsys):
     assert not (run_files / "results" / RUN / "report" / "report.html").exists()
 
 
-def test_comparison_page_lists_every_run(run_files, tmp_path):
-    _, _, first = _report(run_files)
-    second = dict(
-        first, run="two-layer", num_layers=2, acceptance_length={"transformers": {"3": 1.9}}
-    )
+def _compare(run_files, tmp_path, second: dict):
+    """`speculators compare` on the fixture run's summary and `second`; (html, output path)."""
     p2 = tmp_path / "s2.json"
     p2.write_text(json.dumps(second))
     out = run_files / "results" / "comparison.html"
     assert main(["compare", "--summary", str(run_files / "results" / RUN / "report" / "summary.json"), str(p2),
                  "--output", str(out)]) == 0  # fmt: skip
-    html = out.read_text()
+    return out.read_text(), out
+
+
+def test_comparison_page_lists_every_run(run_files, tmp_path):
+    _, _, first = _report(run_files)
+    second = dict(
+        first, run="two-layer", num_layers=2, acceptance_length={"transformers": {"3": 1.9}}
+    )
+    html, out = _compare(run_files, tmp_path, second)
     assert RUN in html and "two-layer" in html and "K=3: 1.900" in html and "K=3: 1.450" in html
     assert '<a href="tiny-run/report/report.html">' in html
     assert "data:image/png;base64," in html
@@ -221,3 +226,77 @@ def test_comparison_page_lists_every_run(run_files, tmp_path):
         from speculators.report import compare
 
         compare.run(type("A", (), {"summary": [bad], "output": out})())
+
+
+# -- the results table (one row per run, benchmark, K, temperature) ----------------------------
+
+
+def _bench_eval(backend, device, scale=1.0):
+    """An eval JSON with two benchmarks, K 1 and 3, greedy and sampled, categories on one."""
+    rows = []
+    for bench in ("heldout", "mt_bench"):
+        for t in (0.0, 1.0):
+            for k in (1, 3):
+                al = round(
+                    scale * (1.2 + 0.1 * k + (0.05 if bench == "mt_bench" else 0) - 0.1 * t), 4
+                )
+                row = {"benchmark": bench, "temperature": t, "k": k, "acceptance_length": al,
+                       "per_position_acceptance": [0.3] + [0.1] * (k - 1), "drafts": 10,
+                       "draft_tokens": 10 * k, "accepted_tokens": 3, "output_tokens": 40,
+                       "tokens_per_s": 10.0, "baseline_tokens_per_s": 8.0, "speedup": 1.25,
+                       "greedy_mismatches": 0 if t == 0 else None}  # fmt: skip
+                if bench == "mt_bench":
+                    row["per_category"] = {"coding": {"acceptance_length": 1.9, "drafts": 4},
+                                           "writing": {"acceptance_length": 1.1, "drafts": 6}}  # fmt: skip
+                rows.append(row)
+    return {"backend": backend, "target": "t", "draft": "d", "num_prompts": 6, "max_new_tokens": 16,
+            "temperature": 0.0, "temperatures": [0.0, 1.0], "device": device, "skipped": None,
+            "benchmarks": [{"name": "heldout", "num_prompts": 4, "num_turns": 4},
+                           {"name": "mt_bench", "num_prompts": 2, "num_turns": 4, "categories": ["coding", "writing"]}],
+            "results": rows}  # fmt: skip
+
+
+def test_report_opens_with_the_results_table(run_files):
+    ev = run_files / "results" / RUN / "eval"
+    (ev / "inprocess.json").write_text(json.dumps(_bench_eval("transformers", "2 threads on Xeon")))
+    (ev / "vllm.json").write_text(json.dumps(_bench_eval("vllm", "1x NVIDIA H100", scale=1.01)))
+    summary_path = run_files / "results" / RUN / "draft" / "train_summary.json"
+    summary_path.write_text(json.dumps({**json.loads(summary_path.read_text()), "best_epoch": 1}))
+    html, md, summary = _report(run_files, evals=("inprocess.json", "vllm.json"))
+    assert html.index('<h2 id="results">Results</h2>') < html.index(">Summary</h2>")
+    table = md.split("## Results", 1)[1].split("\n## ", 1)[0]
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
+    assert lines[0].startswith(
+        "| target | draft (layers, vocab) | training data | benchmark | K | temperature |"
+    )
+    assert len(lines) == 1 + 8  # 2 benchmarks x 2 temperatures x 2 K
+    first = lines[1]
+    assert "| tiny | 1 layer(s), vocab 96 |" in first
+    assert "chats (20 conversations, original answers); 2 epochs, chosen epoch 2" in first
+    assert "| heldout (4 prompts) | 1 | 0 | 1.313 | 1.3 |" in first  # vLLM, in-process
+    assert "vLLM 1.25x" in first and "in-process" not in first.split("|")[-2]  # CPU: no speed-up
+    assert any("| mt_bench (2 prompts, 4 turns) | 3 | 1 |" in ln for ln in lines)
+    # Acceptance per category, and the summary's rows for the comparison page.
+    cats = md.split("## Acceptance per category", 1)[1].split("\n## ", 1)[0]
+    assert "| mt_bench | coding | 1 | 0 | 1.9 | 1.9 |" in cats
+    assert len(summary["results_table"]) == 8
+    # The summary's K sweep and the plots stay on the first benchmark, greedy.
+    assert summary["acceptance_length"]["transformers"] == {"1": 1.3, "3": 1.5}
+
+
+def test_results_table_reads_an_eval_of_earlier_versions_as_heldout(run_files):
+    html, md, summary = _report(run_files)
+    (rec_1, rec_3) = summary["results_table"]
+    assert (rec_1["benchmark"], rec_1["k"], rec_1["temperature"]) == ("heldout", 1, 0.0)
+    assert rec_3["acceptance_length"] == {"transformers": 1.45}
+    assert "| heldout | 3 | 0 | - | 1.45 |" in md
+
+
+def test_comparison_page_stacks_every_runs_results_rows(run_files, tmp_path):
+    _, _, first = _report(run_files)
+    second = dict(first, run="two-layer", results_table=[dict(r, run="two-layer", draft="2 layer(s), vocab 96")
+                                                         for r in first["results_table"]])  # fmt: skip
+    html, out = _compare(run_files, tmp_path, second)
+    results = html.split("Results per run, benchmark and K", 1)[1].split("<h2", 1)[0]
+    assert results.count("<tr>") == 1 + 4 and "2 layer(s), vocab 96" in results
+    assert "<td>tiny-run</td>" in results and "<td>two-layer</td>" in results

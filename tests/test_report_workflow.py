@@ -62,8 +62,10 @@ def test_evaluate_and_report_rules_then_snakemake_report(finished_run):
     targets = [f"results/{RUN}/report/report.html", "results/comparison.html"]
     run_snakemake(work, *targets, *allowed, configfile=cfg, check=True)
     ev = json.loads((work / "results" / RUN / "eval" / "inprocess.json").read_text())
-    assert [r["k"] for r in ev["results"]] == [1, 2] and ev["num_prompts"] == 2
-    assert all(r["greedy_mismatches"] == 0 for r in ev["results"])
+    # K 1 and 2 at the default temperatures, greedy and sampled, on the held-out prompts
+    assert [(r["temperature"], r["k"]) for r in ev["results"]] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert ev["num_prompts"] == 2 and {r["benchmark"] for r in ev["results"]} == {"heldout"}
+    assert all(r["greedy_mismatches"] == 0 for r in ev["results"] if r["temperature"] == 0)
     html = (work / "results" / RUN / "report" / "report.html").read_text()
     assert "Acceptance" in html and "vllm evaluator skipped: disabled in the config" in html
     # every job logged and benchmarked; the report read the evaluate job's benchmark

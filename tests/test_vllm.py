@@ -355,3 +355,84 @@ def test_vllm_regeneration_answers_each_conversation_like_transformers(tiny_llam
     assert result["greedy"] == [
         list(a) for a in hf_generate(str(tiny_llama), convs, 8, 0.0, 1.0, 0)
     ]
+
+
+def test_benchmark_rows_sum_category_batches_and_share_the_greedy_baseline():
+    """vLLM's counters are global, so each category is its own batch: a benchmark's row is the
+    sum of its batches, with the categories beside it; the greedy baseline serves every
+    temperature; a batch that drafted nothing gives null acceptance and no speed-up."""
+    from speculators.vllm.evaluate import EngineRun, Group, SpecCounts, benchmark_rows
+
+    groups = [Group("heldout", None, [[1]], 8), Group("mt_bench", "coding", [[2]], 8),
+              Group("mt_bench", "writing", [[3]], 8)]  # fmt: skip
+
+    def run(out, drafts, per_pos, seconds=1.0):
+        counts = SpecCounts(drafts, 2 * drafts, sum(per_pos), per_pos)
+        return EngineRun([[0]], [out], seconds, 5.0, counts)
+
+    baseline = {(i, 0.0): run([7] * 4, 0, [], seconds=2.0) for i in range(3)}
+    spec = {
+        (0, 0.0): run([7] * 4, 2, [2, 1]), (0, 0.5): run([7] * 4, 0, [0, 0]),
+        (1, 0.0): run([7] * 4, 2, [2, 2]), (1, 0.5): run([7] * 3, 3, [1, 0]),
+        (2, 0.0): run([7, 8], 2, [0, 0]), (2, 0.5): run([7] * 4, 1, [1, 1]),
+    }  # fmt: skip
+    rows = benchmark_rows(2, groups, spec, baseline, [0.0, 0.5])
+    assert [(r["benchmark"], r["temperature"]) for r in rows] == [
+        ("heldout", 0.0), ("heldout", 0.5), ("mt_bench", 0.0), ("mt_bench", 0.5)]  # fmt: skip
+    held0, held5, mt0, mt5 = rows
+    assert held0["acceptance_length"] == 2.5 and "per_category" not in held0
+    assert held5["acceptance_length"] is None and held5["per_position_acceptance"] is None
+    assert held5["speedup"] is None and held5["greedy_mismatches"] is None
+    assert mt0["drafts"] == 4 and mt0["acceptance_length"] == pytest.approx(1 + 4 / 4)
+    assert mt0["per_position_acceptance"] == [0.5, 0.5]
+    assert mt0["greedy_mismatches"] == 1  # writing's output differs from the baseline
+    assert mt0["speedup"] == pytest.approx((6 / 2) / (8 / 4))
+    assert mt0["per_category"]["coding"]["acceptance_length"] == 3.0
+    assert mt0["per_category"]["writing"]["acceptance_length"] == 1.0
+    assert mt5["per_category"]["coding"]["drafts"] == 3 and mt5["drafts"] == 4
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_vllm_measures_each_benchmark_and_category_like_the_in_process_evaluator(
+    tiny_llama, tmp_path, chat_jsonl
+):
+    """Two benchmarks (one with categories), K 1 and 2, greedy and sampled: the same points,
+    prompts and greedy output tokens as `speculators evaluate`."""
+    draft = save_random_draft(tiny_llama, tmp_path / "draft", ttt_steps=2)
+    mt = tmp_path / "mt.jsonl"
+    mt.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"question_id": 1, "category": "coding", "turns": ["Sort a list", "In C"]},
+        {"question_id": 2, "category": "writing", "turns": ["A poem"]}]))  # fmt: skip
+    benchmarks = json.dumps([
+        {"name": "heldout", "paths": [str(chat_jsonl)], "num_prompts": 3, "max_new_tokens": 8},
+        {"name": "mt_bench", "paths": [str(mt)], "num_prompts": 2, "max_new_tokens": 6}])  # fmt: skip
+    common = ["--target", str(tiny_llama), "--draft", str(draft), "--benchmarks", benchmarks,
+              "--k", "1", "2", "--temperature", "0", "0.8"]  # fmt: skip
+    out = tmp_path / "vllm.json"
+    argv = ["evaluate-vllm", *common, "--vllm-python", str(VLLM_PYTHON), "--vllm-mode", "on"]
+    assert main([*argv, "--output", str(out)]) == 0
+    inproc_out = tmp_path / "inprocess.json"
+    assert main(["evaluate", *common, "--dtype", "float32", "--output", str(inproc_out)]) == 0
+    vllm, inproc = json.loads(out.read_text()), json.loads(inproc_out.read_text())
+    assert vllm["benchmarks"] == inproc["benchmarks"]
+    assert [b["num_turns"] for b in vllm["benchmarks"]] == [3, 3]
+    key = [(r["benchmark"], r["temperature"], r["k"]) for r in vllm["results"]]
+    assert sorted(key) == sorted(
+        (r["benchmark"], r["temperature"], r["k"]) for r in inproc["results"]
+    )
+    assert len(key) == 8
+    for r in vllm["results"]:
+        assert r["drafts"] > 0 and len(r["per_position_acceptance"]) == r["k"]
+        if r["temperature"] == 0:
+            assert r["greedy_mismatches"] == 0
+        if r["benchmark"] == "mt_bench":
+            assert set(r["per_category"]) == {"coding", "writing"}
+            assert sum(c["drafts"] for c in r["per_category"].values()) == r["drafts"]
+    greedy = {
+        (r["benchmark"], r["k"]): r["output_tokens"]
+        for r in inproc["results"]
+        if r["temperature"] == 0
+    }
+    assert {(r["benchmark"], r["k"]): r["output_tokens"] for r in vllm["results"]
+            if r["temperature"] == 0} == greedy  # fmt: skip

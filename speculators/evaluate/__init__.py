@@ -10,14 +10,30 @@ def add_common_arguments(p, output_help: str) -> None:
     """Options both evaluators (`evaluate`, `evaluate-vllm`) take, so they measure alike."""
     p.add_argument("--target", required=True, help="target (verifier) model folder or HF id")
     p.add_argument("--draft", required=True, type=Path, help="trained draft folder")
-    p.add_argument("--prompts", required=True, nargs="+", type=Path, help="prompt JSONL files")
+    p.add_argument(
+        "--prompts", nargs="+", type=Path, help="prompt JSONL files (one benchmark, 'heldout')"
+    )
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument(
+        "--benchmarks",
+        default=None,
+        help='JSON list of {"name", "paths", "num_prompts", "max_new_tokens"}, measured one'
+        " after the other (replaces --prompts/--num-prompts/--max-new-tokens)",
+    )
+    p.add_argument(
         "--k", type=int, nargs="+", default=None, help="draft lengths (default: ttt_steps)"
     )
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy acceptance")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--temperature",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="sampling temperatures, each measured: 0 = greedy, > 0 = rejection sampling",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the prompt sample and of sampled decoding"
+    )
     p.add_argument("--output", required=True, type=Path, help=output_help)
 
 
@@ -28,9 +44,31 @@ def check_common_arguments(args) -> None:
     for name in ("num_prompts", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise SpeculatorsError(f"--{name.replace('_', '-')}", "must be at least 1")
-    if args.temperature < 0:
+    if min(args.temperature) < 0:
         raise SpeculatorsError("--temperature", "must be >= 0")
+    if len(set(args.temperature)) != len(args.temperature):
+        raise SpeculatorsError("--temperature", "a temperature is given twice")
+    args.benchmark_list = benchmarks_of(args)
     if args.k and min(args.k) < 1:
         raise SpeculatorsError("--k", "draft lengths must be at least 1")
     if not (args.draft / "config.json").is_file():
         raise SpeculatorsError(args.draft, "not a draft folder (no config.json)")
+
+
+def benchmarks_of(args) -> list:
+    """The benchmarks to measure: `--benchmarks`, else one 'heldout' set from `--prompts`."""
+    from speculators.errors import SpeculatorsError
+    from speculators.evaluate.prompts import Benchmark, parse_benchmarks
+
+    if args.benchmarks:
+        return parse_benchmarks(args.benchmarks)
+    if not args.prompts:
+        raise SpeculatorsError("--prompts", "give prompt files (or --benchmarks)")
+    return [
+        Benchmark("heldout", [str(p) for p in args.prompts], args.num_prompts, args.max_new_tokens)
+    ]
+
+
+def round_or_none(x: float | None, digits: int = 4) -> float | None:
+    """`round` that keeps None (a setting that drafted nothing has no acceptance)."""
+    return None if x is None else round(x, digits)

@@ -24,8 +24,15 @@ from speculators.devices import (
 )
 from speculators.errors import SpeculatorsError
 from speculators.evaluate import add_common_arguments, check_common_arguments
-from speculators.evaluate.prompts import PromptSpec, follow_up, load_prompts, render_within
-from speculators.evaluate.spec_decode import DecodeStats, Target, greedy_decode, speculative_decode
+from speculators.evaluate.prompts import PromptSpec, follow_up, render_within
+from speculators.evaluate.spec_decode import (
+    DecodeStats,
+    Target,
+    acceptance_fields,
+    greedy_decode,
+    speculative_decode,
+    speedup,
+)
 from speculators.fileio import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -146,6 +153,7 @@ class Job:
     prompt: list[int]
     baseline: list[int]
     seconds: float
+    category: str | None = None
 
 
 def eos_ids(tokenizer, model) -> set[int]:
@@ -176,28 +184,32 @@ def iter_jobs(
             counts["truncated"] = counts.get("truncated", 0) + cut
             out, seconds = greedy_decode(target, ids, max_new_tokens, eos)
             answer = tokenizer.decode(out, skip_special_tokens=True)
-            yield Job(f"{spec.id}#{turn + 1}", ids, out, seconds)
+            yield Job(f"{spec.id}#{turn + 1}", ids, out, seconds, spec.category)
 
 
 class Sweep:
-    """Totals per draft length K, fed one job at a time.
+    """Totals per (temperature, draft length K), and per category, fed one job at a time.
 
-    Each job is decoded with every K right after its baseline, so a machine whose load changes
-    during the evaluation slows baseline and drafting alike instead of skewing the speed-up.
+    Each job is decoded with every point right after its baseline, so a machine whose load
+    changes during the evaluation slows baseline and drafting alike instead of skewing the
+    speed-up. The greedy baseline serves every K and temperature.
     """
 
-    def __init__(self, ks: list[int], temperature: float, seed: int):
-        self.temperature = temperature
-        self.totals = {k: DecodeStats(k) for k in ks}
-        self.mismatches = dict.fromkeys(ks, 0)
-        self.generators = {k: torch.Generator().manual_seed(seed) for k in ks}
+    def __init__(self, ks: list[int], temperature: float | list[float], seed: int):
+        temps = temperature if isinstance(temperature, (list, tuple)) else [temperature]
+        self.points = [(float(t), k) for t in temps for k in ks]
+        self.totals = {p: DecodeStats(p[1]) for p in self.points}
+        self.categories: dict[tuple, dict[str, DecodeStats]] = {p: {} for p in self.points}
+        self.mismatches = dict.fromkeys(self.points, 0)
+        self.generators = {p: torch.Generator().manual_seed(seed) for p in self.points}
         self.base_tokens, self.base_seconds, self.jobs = 0, 0.0, 0
 
     def run(self, target: Target, proposer, job: Job, max_new_tokens: int, eos) -> None:
         self.jobs += 1
         self.base_tokens += len(job.baseline)
         self.base_seconds += job.seconds
-        for k, total in self.totals.items():
+        for point, total in self.totals.items():
+            temperature, k = point
             out, stats = speculative_decode(
                 target,
                 proposer,
@@ -205,31 +217,35 @@ class Sweep:
                 k,
                 max_new_tokens,
                 eos,
-                self.temperature,
-                self.generators[k],
+                temperature,
+                self.generators[point],
             )
             total.add(stats)
-            self.mismatches[k] += out != job.baseline
+            if job.category is not None:
+                self.categories[point].setdefault(job.category, DecodeStats(k)).add(stats)
+            self.mismatches[point] += out != job.baseline
 
     def rows(self) -> list[dict]:
         base_tps = self.base_tokens / max(self.base_seconds, 1e-9)
         rows = []
-        for k, total in self.totals.items():
+        for point, total in self.totals.items():
+            temperature, k = point
             tps = total.output_tokens / max(total.seconds, 1e-9)
-            rows.append({
+            row = {
                 "k": k,
-                "acceptance_length": round(total.acceptance_length, 4),
-                "per_position_acceptance": [round(r, 4) for r in total.per_position_acceptance],
-                "drafts": total.drafts,
-                "draft_tokens": total.draft_tokens,
-                "accepted_tokens": total.accepted_tokens,
-                "output_tokens": total.output_tokens,
+                "temperature": temperature,
+                **acceptance_fields(total),
                 "tokens_per_s": round(tps, 2),
                 "baseline_tokens_per_s": round(base_tps, 2),
-                "speedup": round(tps / base_tps, 3),
+                "speedup": speedup(tps, base_tps, total.drafts),
                 # Sampling has no single right output; only greedy decoding must match.
-                "greedy_mismatches": self.mismatches[k] if self.temperature == 0 else None,
-            })  # fmt: skip
+                "greedy_mismatches": self.mismatches[point] if temperature == 0 else None,
+            }
+            if self.categories[point]:
+                row["per_category"] = {
+                    c: acceptance_fields(st) for c, st in sorted(self.categories[point].items())
+                }
+            rows.append(row)
         return rows
 
 
@@ -249,10 +265,11 @@ def evaluate(
     specs,
     ks,
     max_new_tokens,
-    temperature=0.0,
+    temperature: float | list[float] = 0.0,
     seed=0,
 ) -> dict:
-    """Baseline and speculative decoding for each K, prompt by prompt; the JSON's measurements."""
+    """Baseline and speculative decoding for each temperature and K, prompt by prompt; the
+    JSON's measurements for one prompt set."""
     torch.manual_seed(seed)
     target = Target(target_model, aux_layer_ids)
     eos = eos_ids(tokenizer, target_model)
@@ -277,12 +294,45 @@ def evaluate(
     log.info("%d turns, baseline %.1f tokens/s", sweep.jobs, rows[0]["baseline_tokens_per_s"])
     for row in rows:
         log.info(
-            "k=%d acceptance_length=%.3f speedup=%.2f",
+            "temperature=%g k=%d acceptance_length=%s speedup=%s",
+            row["temperature"],
             row["k"],
             row["acceptance_length"],
             row["speedup"],
         )
     return {"num_turns": sweep.jobs, "truncated_prompts": truncated, "results": rows}
+
+
+def evaluate_benchmarks(
+    target_model, tokenizer, proposer, aux_layer_ids, benchmarks, ks, temperatures, seed=0
+) -> dict:
+    """`evaluate` for each benchmark in turn (its own prompt sample, drawn with `seed`, and
+    answer length); rows carry the benchmark's name. Returns `benchmarks` (name, prompts,
+    turns, max_new_tokens, categories, files) and the flat `results`."""
+    described, results, truncated = [], [], 0
+    for bench in benchmarks:
+        specs = bench.load(seed)
+        log.info("benchmark %s: %d prompts, %d new tokens", bench.name, len(specs),
+                 bench.max_new_tokens)  # fmt: skip
+        measured = evaluate(target_model, tokenizer, proposer, aux_layer_ids, specs, ks,
+                            bench.max_new_tokens, list(temperatures), seed)  # fmt: skip
+        described.append(describe_benchmark(bench, specs, measured["num_turns"]))
+        truncated += measured["truncated_prompts"]
+        results += [{"benchmark": bench.name, **r} for r in measured["results"]]
+    return {"benchmarks": described, "truncated_prompts": truncated, "results": results}
+
+
+def describe_benchmark(bench, specs, num_turns: int) -> dict:
+    """A benchmark's entry in the eval JSON (both evaluators write the same)."""
+    cats = sorted({s.category for s in specs if s.category is not None})
+    return {
+        "name": bench.name,
+        "num_prompts": len(specs),
+        "num_turns": num_turns,
+        "max_new_tokens": bench.max_new_tokens,
+        "categories": cats,
+        "prompts": list(bench.paths),
+    }
 
 
 # ---------------------------------------------------------------- CLI
@@ -342,24 +392,25 @@ def run(args: argparse.Namespace) -> None:
     ks = args.k or ([info.ttt_steps] if info.ttt_steps else None)
     if not ks:
         raise SpeculatorsError(args.draft / "config.json", "no speculative_tokens; pass --k")
-    specs = load_prompts(args.prompts, args.num_prompts)
+    for bench in args.benchmark_list:
+        bench.load(args.seed)  # a bad prompt file fails before any decoding
     proposer = load_proposer(args.draft, device, model)
     log.info(
-        "evaluating %s on %s: %d prompts, k=%s, device %s",
+        "evaluating %s on %s: benchmarks %s, k=%s, temperatures %s, device %s",
         args.draft,
         args.target,
-        len(specs),
+        [b.name for b in args.benchmark_list],
         ks,
+        args.temperature,
         device,
     )
-    measured = evaluate(
+    measured = evaluate_benchmarks(
         model,
         tokenizer,
         proposer,
         info.aux_layer_ids,
-        specs,
+        args.benchmark_list,
         ks,
-        args.max_new_tokens,
         args.temperature,
         args.seed,
     )
@@ -369,15 +420,24 @@ def run(args: argparse.Namespace) -> None:
             "backend": "transformers",
             "target": str(args.target),
             "draft": str(args.draft),
-            "num_prompts": len(specs),
-            "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature,
+            **summary_fields(measured["benchmarks"], args.temperature),
             "device": describe(device),
             "skipped": None,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "aux_layer_ids": info.aux_layer_ids,
-            "prompts": [str(p) for p in args.prompts],
             "seed": args.seed,
             **measured,
         },
     )
+
+
+def summary_fields(benchmarks: list[dict], temperatures: list[float]) -> dict:
+    """Top-level fields of the eval JSON that readers of the one-benchmark format know."""
+    return {
+        "num_prompts": sum(b["num_prompts"] for b in benchmarks),
+        "num_turns": sum(b["num_turns"] for b in benchmarks),
+        "max_new_tokens": max(b["max_new_tokens"] for b in benchmarks),
+        "temperature": temperatures[0],
+        "temperatures": list(temperatures),
+        "prompts": [p for b in benchmarks for p in b["prompts"]],
+    }

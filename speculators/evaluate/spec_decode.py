@@ -98,16 +98,18 @@ class DecodeStats:
         return sum(self.accepted_per_position)
 
     @property
-    def acceptance_length(self) -> float:
-        """Tokens emitted per verification step, bonus token included: 1 + accepted/drafts."""
-        return 1.0 + self.accepted_tokens / self.drafts if self.drafts else float("nan")
+    def acceptance_length(self) -> float | None:
+        """Tokens emitted per verification step, bonus token included: 1 + accepted/drafts;
+        None when nothing was drafted (e.g. max_new_tokens 1)."""
+        return 1.0 + self.accepted_tokens / self.drafts if self.drafts else None
 
     @property
-    def per_position_acceptance(self) -> list[float]:
+    def per_position_acceptance(self) -> list[float] | None:
+        """Rate per draft position; None when nothing was drafted."""
+        if not self.drafts:
+            return None
         # Same denominator (all drafts) at every position, so the rates never increase with it.
-        return [
-            a / self.drafts if self.drafts else float("nan") for a in self.accepted_per_position
-        ]
+        return [a / self.drafts for a in self.accepted_per_position]
 
     def add(self, other: DecodeStats) -> None:
         self.drafts += other.drafts
@@ -116,6 +118,28 @@ class DecodeStats:
             self.accepted_per_position[i] += a
         self.output_tokens += other.output_tokens
         self.seconds += other.seconds
+
+
+def acceptance_fields(stats: DecodeStats) -> dict:
+    """The acceptance counts of a result row, as both evaluators write them (None, never NaN,
+    where nothing was drafted)."""
+    rates = stats.per_position_acceptance
+    al = stats.acceptance_length
+    return {
+        "acceptance_length": None if al is None else round(al, 4),
+        "per_position_acceptance": None if rates is None else [round(r, 4) for r in rates],
+        "drafts": stats.drafts,
+        "draft_tokens": stats.draft_tokens,
+        "accepted_tokens": stats.accepted_tokens,
+        "output_tokens": stats.output_tokens,
+    }
+
+
+def speedup(tokens_per_s: float, baseline_tokens_per_s: float, drafts: int) -> float | None:
+    """Drafting's tokens/s over the baseline's; None when nothing was drafted or timed."""
+    if not drafts or baseline_tokens_per_s <= 0:
+        return None
+    return round(tokens_per_s / baseline_tokens_per_s, 3)
 
 
 def _emit(out: list[int], new: list[int], eos: set[int], limit: int) -> tuple[int, bool]:

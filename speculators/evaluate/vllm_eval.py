@@ -8,6 +8,7 @@ writes the JSON with `"skipped": "<reason>"` (an error with `--vllm-mode on`).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 
 from speculators.errors import SpeculatorsError
@@ -38,11 +39,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _forward_argv(args: argparse.Namespace) -> list[str]:
     """The same command for the vLLM interpreter (which must not delegate again)."""
     argv = ["evaluate-vllm", "--target", str(args.target), "--draft", str(args.draft)]
-    argv += ["--prompts", *map(str, args.prompts)]
-    argv += ["--num-prompts", str(args.num_prompts), "--max-new-tokens", str(args.max_new_tokens)]
+    benchmarks = [
+        {"name": b.name, "paths": b.paths, "num_prompts": b.num_prompts,
+         "max_new_tokens": b.max_new_tokens}
+        for b in args.benchmark_list
+    ]  # fmt: skip
+    argv += ["--benchmarks", json.dumps(benchmarks)]
     if args.k:
         argv += ["--k", *map(str, args.k)]
-    argv += ["--temperature", str(args.temperature), "--seed", str(args.seed)]
+    argv += ["--temperature", *map(str, args.temperature), "--seed", str(args.seed)]
     argv += ["--output", str(args.output), "--vllm-mode", "on"]
     return argv
 
@@ -52,11 +57,13 @@ def skipped_result(args: argparse.Namespace, reason: str) -> dict:
         "backend": "vllm",
         "target": str(args.target),
         "draft": str(args.draft),
-        "num_prompts": args.num_prompts,
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
+        "num_prompts": sum(b.num_prompts for b in args.benchmark_list),
+        "max_new_tokens": max(b.max_new_tokens for b in args.benchmark_list),
+        "temperature": args.temperature[0],
+        "temperatures": list(args.temperature),
         "device": None,
         "skipped": reason,
+        "benchmarks": [{"name": b.name} for b in args.benchmark_list],
         "results": [],
     }
 
@@ -125,8 +132,12 @@ def evaluate_here(args: argparse.Namespace) -> None:
     """Inside the vLLM environment: render the prompts, run the engines, write the JSON."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from speculators.evaluate.inprocess import check_draft_matches, read_draft_info
-    from speculators.evaluate.prompts import load_prompts
+    from speculators.evaluate.inprocess import (
+        check_draft_matches,
+        describe_benchmark,
+        read_draft_info,
+        summary_fields,
+    )
     from speculators.vllm import evaluate as engine
 
     info = read_draft_info(args.draft)
@@ -139,57 +150,69 @@ def evaluate_here(args: argparse.Namespace) -> None:
     ks = args.k or ([info.ttt_steps] if info.ttt_steps else None)
     if not ks:
         raise SpeculatorsError(args.draft / "config.json", "no speculative_tokens; pass --k")
-    specs = load_prompts(args.prompts, args.num_prompts)
     context = getattr(config, "max_position_embeddings", None) or 4096
-    # Room for the answer and one verification window of the largest K.
-    max_prompt = context - args.max_new_tokens - max(ks) - 1
-    if max_prompt < 1:
-        raise SpeculatorsError(
-            "--max-new-tokens", f"{args.max_new_tokens} leaves no room in a {context}-token context"
-        )
-    # The same token ids as the in-process evaluator: one renderer for both.
-    turns = Turns(tokenizer, specs, max_prompt)
-    prompts = turns.first()
-    room = args.max_new_tokens + max(ks) + 1
-    # Follow-up turns grow by an answer and a question each: allow the whole context then.
-    longest = max_prompt if turns.has_followups else max(map(len, prompts))
-    max_model_len = min(context, longest + room)
+    groups, turns_of, specs_of, longest = [], [], {}, 1
+    for bench in args.benchmark_list:
+        # Room for the answer and one verification window of the largest K.
+        max_prompt = context - bench.max_new_tokens - max(ks) - 1
+        if max_prompt < 1:
+            raise SpeculatorsError(
+                bench.name,
+                f"max_new_tokens {bench.max_new_tokens} leaves no room in a {context}-token context",
+            )
+        specs = specs_of[bench.name] = bench.load(args.seed)
+        # One batch per category, so vLLM's counters give each category's acceptance.
+        for category in dict.fromkeys(s.category for s in specs):
+            # The same token ids as the in-process evaluator: one renderer for both.
+            turns = Turns(tokenizer, [s for s in specs if s.category == category], max_prompt)
+            prompts = turns.first()
+            room = bench.max_new_tokens + max(ks) + 1
+            # Follow-up turns grow by an answer and a question each: allow the whole context.
+            longest = max(longest, max_prompt + room if turns.has_followups
+                          else max(map(len, prompts)) + room)  # fmt: skip
+            groups.append(engine.Group(bench.name, category, prompts, bench.max_new_tokens,
+                                       turns.next_round))  # fmt: skip
+            turns_of.append(turns)
+    max_model_len = min(context, longest)
     log.info(
-        "vLLM evaluation of %s on %s: %d prompts, k=%s", args.draft, args.target, len(prompts), ks
+        "vLLM evaluation of %s on %s: benchmarks %s, k=%s, temperatures %s",
+        args.draft,
+        args.target,
+        list(specs_of),
+        ks,
+        args.temperature,
     )
-    baseline, rows = engine.evaluate(
+    base_runs, rows = engine.evaluate(
         str(args.target),
         str(args.draft),
-        prompts,
+        groups,
         ks,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
+        temperatures=args.temperature,
         seed=args.seed,
         max_model_len=max_model_len,
-        next_round=turns.next_round,
     )
-    if turns.truncated:
-        log.warning(
-            "%d prompts longer than %d tokens keep their last tokens", turns.truncated, max_prompt
-        )
+    truncated = sum(t.truncated for t in turns_of)
+    if truncated:
+        log.warning("%d prompts longer than the context keep their last tokens", truncated)
+    described = []
+    for bench in args.benchmark_list:
+        turns = sum(len(r.prompts) for g, r in zip(groups, base_runs) if g.benchmark == bench.name)
+        described.append(describe_benchmark(bench, specs_of[bench.name], turns))
     write_json(
         args.output,
         {
             "backend": "vllm",
             "target": str(args.target),
             "draft": str(args.draft),
-            "num_prompts": len(prompts),
-            "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature,
+            **summary_fields(described, args.temperature),
             "device": engine.describe_device(),
             "skipped": None,
             "aux_layer_ids": info.aux_layer_ids,
-            "prompts": [str(p) for p in args.prompts],
             "seed": args.seed,
-            "num_turns": len(baseline.prompts),
-            "truncated_prompts": turns.truncated,
-            "baseline_output_tokens": baseline.output_tokens,
-            "baseline_engine_start_s": round(baseline.start_seconds, 1),
+            "truncated_prompts": truncated,
+            "baseline_output_tokens": sum(r.output_tokens for r in base_runs),
+            "baseline_engine_start_s": round(base_runs[0].start_seconds, 1),
+            "benchmarks": described,
             "results": rows,
         },
     )

@@ -1,4 +1,5 @@
-"""`speculators compare`: one page with a row per run of the config (settings, acceptance).
+"""`speculators compare`: one page across the runs of the config: the results table (a row per
+run, benchmark, K and temperature), then a row per run (settings, acceptance).
 
 Reads the `summary.json` that `speculators report` writes next to each run's report.
 """
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from speculators.errors import SpeculatorsError
 from speculators.fileio import read_json, write_text
-from speculators.report import plots
+from speculators.report import plots, results_table
 from speculators.report.document import Link, Section, to_html
 
 
@@ -26,7 +27,8 @@ def _al(summary: dict, backend: str) -> str:
     by_k = (summary.get("acceptance_length") or {}).get(backend) or {}
     if not by_k:
         return "skipped" if (summary.get("skipped") or {}).get(backend) else "-"
-    return ", ".join(f"K={k}: {v:.3f}" for k, v in sorted(by_k.items(), key=lambda kv: int(kv[0])))
+    ordered = sorted(by_k.items(), key=lambda kv: int(kv[0]))
+    return ", ".join(f"K={k}: {'-' if v is None else f'{v:.3f}'}" for k, v in ordered)
 
 
 def comparison_sections(summaries: list[dict], out_dir: Path) -> list[Section]:
@@ -54,7 +56,9 @@ def comparison_sections(summaries: list[dict], out_dir: Path) -> list[Section]:
         plot.image(png, "acceptance length vs K per run")
     else:
         plot.note("No run has an acceptance measurement yet.")
-    return [table, plot]
+    recs = [r for s in summaries for r in s.get("results_table") or []]
+    results = results_table.table_section(recs, "Results per run, benchmark and K", with_run=True)
+    return [results, table, plot]
 
 
 def run(args: argparse.Namespace) -> None:

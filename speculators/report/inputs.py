@@ -14,6 +14,7 @@ from pathlib import Path
 
 from speculators.errors import SpeculatorsError
 from speculators.fileio import read_json
+from speculators.report.results_table import headline
 
 STAGE_ORDER = [
     "assets",
@@ -36,7 +37,9 @@ class RunInputs:
     draft_config: dict | None = None
     train_summary: dict | None = None
     metrics: list[dict] = field(default_factory=list)
-    evals: dict[str, dict] = field(default_factory=dict)  # backend -> eval JSON
+    # backend -> eval JSON with only its headline rows (first benchmark, greedy): one K sweep
+    evals: dict[str, dict] = field(default_factory=dict)
+    eval_files: dict[str, dict] = field(default_factory=dict)  # backend -> eval JSON, every row
     benchmarks: list[dict] = field(default_factory=list)
     hidden_states_bytes: dict[str, int | None] = field(default_factory=dict)  # folder -> bytes
     notes: dict[str, list[str]] = field(default_factory=dict)  # section key -> missing inputs
@@ -163,7 +166,8 @@ def gather(args) -> RunInputs:
             backend = ev.get("backend") or Path(path).stem
             if "results" not in ev and not ev.get("skipped"):
                 raise SpeculatorsError(path, 'evaluation JSON has neither "results" nor "skipped"')
-            inputs.evals[backend] = ev
+            inputs.eval_files[backend] = ev
+            inputs.evals[backend] = headline(ev)
     if args.benchmarks_dir and Path(args.benchmarks_dir).is_dir():
         assets = {inputs.run_config.get("target", "")} | set(
             inputs.run_config.get("datasets") or {}

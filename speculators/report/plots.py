@@ -85,6 +85,7 @@ def acceptance_vs_k(evals: dict[str, dict]) -> str | None:
     ks = sorted({r["k"] for rows in series.values() for r in rows})
     ax.plot(ks, [k + 1 for k in ks], ":", color="grey", label="ideal (K+1)")
     for backend, rows in series.items():
+        rows = [r for r in rows if r["acceptance_length"] is not None]  # drafted nothing
         ax.plot([r["k"] for r in rows], [r["acceptance_length"] for r in rows], "o-", label=backend)
     ax.set(xlabel="draft length K", ylabel="acceptance length", title="Acceptance length vs K")
     ax.set_xticks(ks)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from speculators.devices import cpu_summary
 from speculators.fileio import write_json, write_text
-from speculators.report import plots
+from speculators.report import plots, results_table
 from speculators.report.document import Section, to_html, to_markdown
 from speculators.report.inputs import STAGE_ORDER, RunInputs, gather
 
@@ -72,15 +72,22 @@ def _eval_rows(inputs: RunInputs) -> dict[str, list[dict]]:
 
 
 def disagreements(inputs: RunInputs) -> list[str]:
-    """K values where transformers and vLLM acceptance lengths differ by more than DISAGREEMENT."""
-    rows = _eval_rows(inputs)
-    ours = {r["k"]: r["acceptance_length"] for r in rows.get("transformers", [])}
-    theirs = {r["k"]: r["acceptance_length"] for r in rows.get("vllm", [])}
+    """Greedy points (benchmark, K) where transformers and vLLM acceptance lengths differ by
+    more than DISAGREEMENT (sampled points differ by chance on small samples)."""
+
+    def greedy(backend):
+        ev = inputs.eval_files.get(backend) or {}
+        return {(p["benchmark"], p["k"]): p["acceptance_length"]
+                for p in results_table.eval_points(ev) if p["temperature"] == 0}  # fmt: skip
+
+    ours, theirs = greedy("transformers"), greedy("vllm")
+    several = len({b for b, _ in ours}) > 1
     out = []
-    for k in sorted(set(ours) & set(theirs)):
-        a, b = ours[k], theirs[k]
-        if abs(a - b) > DISAGREEMENT * max(a, b):
-            out.append(f"K={k}: transformers {a:.3f} vs vLLM {b:.3f}")
+    for key in sorted(set(ours) & set(theirs)):
+        a, b = ours[key], theirs[key]
+        if a is not None and b is not None and abs(a - b) > DISAGREEMENT * max(a, b):
+            where = f"{key[0]} K={key[1]}" if several else f"K={key[1]}"
+            out.append(f"{where}: transformers {a:.3f} vs vLLM {b:.3f}")
     return out
 
 
@@ -99,6 +106,12 @@ def summary_section(inputs: RunInputs) -> Section:
         for r in results:
             headline.append([backend, r["k"], r["acceptance_length"], r.get("speedup")])
     if headline:
+        first = next(r for rs in rows.values() for r in rs)
+        if "benchmark" in first:
+            s.text(
+                f"Benchmark {first['benchmark']} at temperature {first['temperature']:g}; "
+                "every benchmark and temperature is in the Results table above."
+            )
         s.table(["evaluator", "K", "acceptance length", "speed-up"], headline)
     else:
         s.note("No acceptance measurement available yet.")
@@ -137,6 +150,14 @@ def provenance_section(inputs: RunInputs) -> Section:
             f"{ev.get('num_prompts')} prompts, {ev.get('max_new_tokens')} new tokens, "
             f"temperature {ev.get('temperature')}"
         )
+        if ev.get("benchmarks"):
+            evaluation = (
+                "; ".join(
+                    f"{b['name']}: {b.get('num_prompts')} prompts x {b.get('max_new_tokens')} tokens"
+                    for b in ev["benchmarks"]
+                )
+                + f"; temperatures {ev.get('temperatures', [ev.get('temperature')])}"
+            )
     kv = [
         ("run", inputs.run),
         ("target", _first(inputs.run_config.get("target"), target_path)),
@@ -372,14 +393,15 @@ def acceptance_section(inputs: RunInputs) -> Section:
         "(vLLM's 1 + accepted/drafts). Per-position rate i = drafts whose first i+1 tokens were "
         "accepted / all drafts."
     )
-    headers = ["evaluator", "K", "acceptance length", "per-position acceptance", "drafts", "accepted / draft tokens",
-               "tokens/s", "baseline tokens/s", "speed-up", "greedy mismatches"]  # fmt: skip
+    headers = ["evaluator", "benchmark", "temperature", "K", "acceptance length", "per-position acceptance", "drafts",
+               "accepted / draft tokens", "tokens/s", "baseline tokens/s", "speed-up", "greedy mismatches"]  # fmt: skip
     table = []
-    for backend, ev in inputs.evals.items():
+    for backend, ev in inputs.eval_files.items():
         if ev.get("skipped"):
             s.note(f"{backend} evaluator skipped: {ev['skipped']}")
-        for r in sorted(ev.get("results") or [], key=lambda r: r["k"]):
-            table.append([backend, r["k"], r["acceptance_length"], r.get("per_position_acceptance"), r.get("drafts"),
+        for r in results_table.eval_points(ev):
+            table.append([backend, r["benchmark"], r["temperature"], r["k"], r["acceptance_length"],
+                          r.get("per_position_acceptance"), r.get("drafts"),
                           f"{r.get('accepted_tokens')} / {r.get('draft_tokens')}", r.get("tokens_per_s"),
                           r.get("baseline_tokens_per_s"), r.get("speedup"), r.get("greedy_mismatches")])  # fmt: skip
     if table:
@@ -432,13 +454,26 @@ def hidden_states_source_section(inputs: RunInputs) -> Section | None:
     return s
 
 
+def results_records(inputs: RunInputs) -> list[dict]:
+    """The opening table's rows: one per (benchmark, K, temperature) of this run."""
+    return results_table.records(inputs.run, inputs.run_config, inputs.prepared,
+                                 inputs.draft_config, inputs.train_summary, inputs.eval_files)  # fmt: skip
+
+
+def results_sections(inputs: RunInputs) -> list[Section]:
+    """The seed's results table, then acceptance per category where a benchmark has them."""
+    out = [results_table.table_section(results_records(inputs))]
+    per_category = results_table.category_section(inputs.eval_files)
+    return out + [per_category] if per_category else out
+
+
 def build_sections(inputs: RunInputs) -> list[Section]:
     sections = [summary_section(inputs), provenance_section(inputs), time_section(inputs),
                 data_section(inputs), training_section(inputs), acceptance_section(inputs)]  # fmt: skip
     source = hidden_states_source_section(inputs)
     if source is not None:
         sections.insert(4, source)  # after the data section
-    return sections
+    return [*results_sections(inputs), *sections]
 
 
 def run_summary(inputs: RunInputs, report_path: Path) -> dict:
@@ -466,6 +501,7 @@ def run_summary(inputs: RunInputs, report_path: Path) -> dict:
         },
         "speedup": {b: {str(r["k"]): r.get("speedup") for r in rs} for b, rs in rows.items() if rs},
         "skipped": {b: e["skipped"] for b, e in inputs.evals.items() if e.get("skipped")},
+        "results_table": results_records(inputs),
         "total_wall_s": round(sum(b["s"] or 0 for b in inputs.benchmarks), 1)
         if inputs.benchmarks
         else None,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from speculators.devices import dtype_name, target_compute_dtype
+from speculators.evaluate.spec_decode import speedup
 from speculators.vllm import shutdown_engine
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,14 @@ class SpecCounts:
             self.draft_tokens - other.draft_tokens,
             self.accepted_tokens - other.accepted_tokens,
             [a - b for a, b in zip(mine, theirs)],
+        )
+
+    def __add__(self, other: SpecCounts) -> SpecCounts:
+        return self - SpecCounts(
+            -other.drafts,
+            -other.draft_tokens,
+            -other.accepted_tokens,
+            [-a for a in other.accepted_per_pos],
         )
 
 
@@ -79,22 +88,48 @@ class EngineRun:
     def output_tokens(self) -> int:
         return sum(map(len, self.outputs))
 
+    @staticmethod
+    def merge(runs: Sequence[EngineRun]) -> EngineRun:
+        """Several batches as one (a benchmark's categories): prompts in order, sums."""
+        counts = SpecCounts()
+        for r in runs:
+            counts = counts + r.counts
+        return EngineRun(
+            [p for r in runs for p in r.prompts],
+            [o for r in runs for o in r.outputs],
+            sum(r.seconds for r in runs),
+            max((r.start_seconds for r in runs), default=0.0),
+            counts,
+        )
+
+
+@dataclass
+class Group:
+    """One batch measured on its own: a benchmark, or one category of it (so vLLM's global
+    counters give that category's acceptance). `next_round(outputs)` gives the prompts of the
+    next round (MT-Bench follow-up turns) from the answers to the last; None = one round."""
+
+    benchmark: str
+    category: str | None
+    prompts: list[list[int]]
+    max_new_tokens: int
+    next_round: Callable[[list[list[int]]], list[list[int]]] | None = None
+
 
 def run_engine(
     target: str,
-    prompts: Sequence[list[int]],
+    groups: Sequence[Group],
     *,
-    max_new_tokens: int,
-    temperature: float,
+    temperatures: Sequence[float],
     seed: int,
     max_model_len: int,
     speculative_config: dict | None = None,
-    next_round: Callable[[list[list[int]]], list[list[int]]] | None = None,
-) -> EngineRun:
-    """Start an engine, warm it up, time batched generates over `prompts`, shut it down.
+) -> dict[tuple[int, float], EngineRun]:
+    """Start one engine, warm it up, then time batched generates of each group at each
+    temperature (rounds until `next_round` returns none); shut it down.
 
-    `next_round(outputs)` gives the prompts of the next round from the answers to the last one
-    (MT-Bench follow-up turns); rounds continue until it returns none.
+    Returns {(group index, temperature): EngineRun}; counters are read around each batch, so
+    warm-up requests and other groups never count.
     """
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -112,31 +147,39 @@ def run_engine(
         speculative_config=speculative_config,
     )
     start_seconds = time.perf_counter() - started
+    runs = {}
     try:
         # One-off allocations and kernel selection stay out of the timing.
         llm.generate(
-            [TokensPrompt(prompt_token_ids=list(prompts[0]))],
+            [TokensPrompt(prompt_token_ids=list(groups[0].prompts[0]))],
             SamplingParams(max_tokens=2),
             use_tqdm=False,
         )
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed)
-        before = spec_counts(llm.get_metrics())
-        all_prompts, outputs, seconds = [], [], 0.0
-        batch = [list(p) for p in prompts]
-        while batch:
-            t0 = time.perf_counter()
-            outs = llm.generate(
-                [TokensPrompt(prompt_token_ids=p) for p in batch], params, use_tqdm=False
-            )
-            seconds += time.perf_counter() - t0
-            answers = [list(o.outputs[0].token_ids) for o in outs]
-            all_prompts += batch
-            outputs += answers
-            batch = next_round(answers) if next_round else []
-        counts = spec_counts(llm.get_metrics()) - before
+        for gi, group in enumerate(groups):
+            for temperature in temperatures:
+                params = SamplingParams(
+                    max_tokens=group.max_new_tokens, temperature=temperature, seed=seed
+                )
+                before = spec_counts(llm.get_metrics())
+                all_prompts, outputs, seconds = [], [], 0.0
+                batch = [list(p) for p in group.prompts]
+                while batch:
+                    t0 = time.perf_counter()
+                    outs = llm.generate(
+                        [TokensPrompt(prompt_token_ids=p) for p in batch], params, use_tqdm=False
+                    )
+                    seconds += time.perf_counter() - t0
+                    answers = [list(o.outputs[0].token_ids) for o in outs]
+                    all_prompts += batch
+                    outputs += answers
+                    batch = group.next_round(answers) if group.next_round else []
+                counts = spec_counts(llm.get_metrics()) - before
+                runs[gi, temperature] = EngineRun(
+                    all_prompts, outputs, seconds, start_seconds, counts
+                )
     finally:
         shutdown_engine(llm)
-    return EngineRun(all_prompts, outputs, seconds, start_seconds, counts)
+    return runs
 
 
 def result_row(k: int, spec: EngineRun, baseline: EngineRun, temperature: float) -> dict:
@@ -150,61 +193,102 @@ def result_row(k: int, spec: EngineRun, baseline: EngineRun, temperature: float)
         mismatches = sum(a != b for a, b in zip(spec.outputs, baseline.outputs))
     return {
         "k": k,
+        "temperature": float(temperature),
         # Tokens emitted per target forward, the bonus token included (vLLM's convention).
         "acceptance_length": round(1 + c.accepted_tokens / c.drafts, 4) if c.drafts else None,
-        "per_position_acceptance": [round(a / c.drafts, 4) if c.drafts else 0.0 for a in per_pos],
+        "per_position_acceptance": [round(a / c.drafts, 4) for a in per_pos] if c.drafts else None,
         "drafts": c.drafts,
         "draft_tokens": c.draft_tokens,
         "accepted_tokens": c.accepted_tokens,
         "output_tokens": spec.output_tokens,
         "tokens_per_s": round(tps, 2),
         "baseline_tokens_per_s": round(base_tps, 2),
-        "speedup": round(tps / base_tps, 3) if base_tps else None,
+        "speedup": speedup(tps, base_tps, c.drafts),
         "greedy_mismatches": mismatches,
         "engine_start_s": round(spec.start_seconds, 1),
     }
 
 
+CATEGORY_FIELDS = ("acceptance_length", "per_position_acceptance", "drafts", "draft_tokens",
+                   "accepted_tokens", "output_tokens")  # fmt: skip
+
+
+def benchmark_rows(
+    k: int,
+    groups: Sequence[Group],
+    spec: dict[tuple[int, float], EngineRun],
+    baseline: dict[tuple[int, float], EngineRun],
+    temperatures: Sequence[float],
+) -> list[dict]:
+    """Rows of one K: per benchmark and temperature, its groups' batches summed, with
+    `per_category` where the groups are categories. The greedy baseline serves every
+    temperature."""
+    rows = []
+    names = list(dict.fromkeys(g.benchmark for g in groups))
+    for name in names:
+        idx = [i for i, g in enumerate(groups) if g.benchmark == name]
+        base = EngineRun.merge([baseline[i, 0.0] for i in idx])
+        for t in temperatures:
+            row = result_row(k, EngineRun.merge([spec[i, t] for i in idx]), base, t)
+            cats = {}
+            for i in idx:
+                if groups[i].category is not None:
+                    r = result_row(k, spec[i, t], baseline[i, 0.0], t)
+                    cats[groups[i].category] = {f: r[f] for f in CATEGORY_FIELDS}
+            if cats:
+                row["per_category"] = dict(sorted(cats.items()))
+            rows.append({"benchmark": name, **row})
+    return rows
+
+
 def evaluate(
     target: str,
     draft: str,
-    prompts: Sequence[list[int]],
+    groups: Sequence[Group],
     ks: Sequence[int],
     *,
-    max_new_tokens: int,
-    temperature: float,
+    temperatures: Sequence[float],
     seed: int,
     max_model_len: int,
-    next_round: Callable[[list[list[int]]], list[list[int]]] | None = None,
-) -> tuple[EngineRun, list[dict]]:
-    """The target alone once, then one engine per K with the draft; returns (baseline, rows).
+) -> tuple[list[EngineRun], list[dict]]:
+    """The target alone once (greedy), then one engine per K with the draft; returns (the
+    baseline's run per group, rows).
 
     Follow-up turns (`next_round`) are built from the baseline's answers, as the in-process
-    evaluator does; the drafting engines then decode every turn's prompt in one batch.
+    evaluator does; the drafting engines then decode every turn's prompt of a group in one
+    batch, at each temperature.
     """
-    common = dict(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        seed=seed,
-        max_model_len=max_model_len,
-    )
-    baseline = run_engine(target, prompts, next_round=next_round, **common)
+    common = dict(seed=seed, max_model_len=max_model_len)
+    baseline = run_engine(target, groups, temperatures=[0.0], **common)
+    base_runs = [baseline[i, 0.0] for i in range(len(groups))]
+    total = EngineRun.merge(base_runs)
     log.info(
         "baseline: %d tokens in %.2f s (engine start %.1f s)",
-        baseline.output_tokens,
-        baseline.seconds,
-        baseline.start_seconds,
+        total.output_tokens,
+        total.seconds,
+        total.start_seconds,
     )
+    replay = [
+        Group(g.benchmark, g.category, r.prompts, g.max_new_tokens)
+        for g, r in zip(groups, base_runs, strict=True)
+    ]
     rows = []
     for k in ks:
         spec = {"method": "eagle3", "model": str(draft), "num_speculative_tokens": k}
-        run = run_engine(target, baseline.prompts, speculative_config=spec, **common)
-        row = result_row(k, run, baseline, temperature)
-        log.info(
-            "k=%d acceptance_length=%s speedup=%s", k, row["acceptance_length"], row["speedup"]
+        runs = run_engine(
+            target, replay, temperatures=temperatures, speculative_config=spec, **common
         )
-        rows.append(row)
-    return baseline, rows
+        for row in benchmark_rows(k, groups, runs, baseline, temperatures):
+            log.info(
+                "%s temperature=%g k=%d acceptance_length=%s speedup=%s",
+                row["benchmark"],
+                row["temperature"],
+                k,
+                row["acceptance_length"],
+                row["speedup"],
+            )
+            rows.append(row)
+    return base_runs, rows
 
 
 def describe_device() -> str:
