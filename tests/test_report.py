@@ -10,10 +10,10 @@ from speculators.errors import SpeculatorsError
 RUN = "tiny-run"
 
 
-def _eval(backend, als, skipped=None, device="cpu"):
+def _eval(backend, als, skipped=None, device="cpu", drafts=1000):
     results = [
         {"k": k, "acceptance_length": al, "per_position_acceptance": [round(al - 1, 3)] + [0.1] * (k - 1),
-         "drafts": 10, "draft_tokens": 10 * k, "accepted_tokens": int(10 * (al - 1)), "output_tokens": 100,
+         "drafts": drafts, "draft_tokens": drafts * k, "accepted_tokens": int(drafts * (al - 1)), "output_tokens": 100,
          "tokens_per_s": 50.0 * al, "baseline_tokens_per_s": 60.0, "speedup": round(al * 50 / 60, 3),
          "greedy_mismatches": 0}
         for k, al in als.items()
@@ -164,6 +164,31 @@ def test_large_evaluator_disagreement_is_flagged(run_files):
     assert "K=3: transformers 1.450 vs vLLM 2.100" in md
     assert "K=1" not in md.split("disagree")[1].split("\n")[0]  # 1.30 vs 1.28 is within 10%
     assert 'class="flag"' in html
+
+
+def test_disagreement_within_sampling_noise_is_a_note_not_a_flag(run_files):
+    # 1.45 vs 1.70 at K=3 is 15% apart, but on 12 drafts that is within 3 standard errors.
+    ev = run_files / "results" / RUN / "eval"
+    (ev / "inprocess.json").write_text(json.dumps(_eval("transformers", {3: 1.45}, drafts=12)))
+    (ev / "vllm.json").write_text(json.dumps(_eval("vllm", {3: 1.70}, drafts=12)))
+    html, md, _ = _report(run_files, evals=("inprocess.json", "vllm.json"))
+    assert "too few drafts to tell: K=3: transformers 1.450 vs vLLM 1.700" in md
+    assert 'class="flag"' not in html
+    # The same gap on 2,000 drafts each is beyond the noise: flagged.
+    (ev / "inprocess.json").write_text(json.dumps(_eval("transformers", {3: 1.45}, drafts=2000)))
+    (ev / "vllm.json").write_text(json.dumps(_eval("vllm", {3: 1.70}, drafts=2000)))
+    html, md, _ = _report(run_files, evals=("inprocess.json", "vllm.json"))
+    assert "disagree by more than 10%: K=3: transformers 1.450 vs vLLM 1.700" in md
+    assert 'class="flag"' in html
+
+
+def test_standard_error_from_per_position_counts():
+    from speculators.report.render import standard_error
+
+    # n in {0, 1, 2} with P(n>=1) = 0.5, P(n>=2) = 0.25: E n = 0.75, E n^2 = 0.5 + 3 * 0.25
+    point = {"per_position_acceptance": [0.5, 0.25], "drafts": 100}
+    assert standard_error(point) == pytest.approx(((1.25 - 0.75**2) / 100) ** 0.5)
+    assert standard_error({"per_position_acceptance": None, "drafts": 0}) is None
 
 
 def test_published_epoch_and_its_criterion_are_plotted_and_named(run_files):

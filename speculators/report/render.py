@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import math
 import platform
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from speculators.report.inputs import STAGE_ORDER, RunInputs, gather
 
 # Relative gap in acceptance length between the two evaluators that the report flags.
 DISAGREEMENT = 0.10
+NOISE_SE = 3  # a difference within this many combined standard errors is sampling noise
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1}
 
 
@@ -71,23 +73,45 @@ def _eval_rows(inputs: RunInputs) -> dict[str, list[dict]]:
     }
 
 
-def disagreements(inputs: RunInputs) -> list[str]:
+def standard_error(point: dict) -> float | None:
+    """Standard error of a point's acceptance length from its own counts: the number of tokens
+    a draft gets accepted, n, has P(n >= j) = per_position_acceptance[j-1], so E[n] = sum a_j
+    and E[n^2] = sum (2j - 1) a_j; SE = sqrt(Var(n) / drafts). Drafts of one prompt are
+    correlated, so this is a lower bound on the real sampling noise. None without counts."""
+    a, drafts = point.get("per_position_acceptance"), point.get("drafts")
+    if not a or not drafts or any(x is None for x in a):
+        return None
+    mean = sum(a)
+    var = sum((2 * j + 1) * x for j, x in enumerate(a)) - mean**2
+    return math.sqrt(max(var, 0.0) / drafts)
+
+
+def disagreements(inputs: RunInputs, within_noise: list[str] | None = None) -> list[str]:
     """Greedy points (benchmark, K) where transformers and vLLM acceptance lengths differ by
-    more than DISAGREEMENT (sampled points differ by chance on small samples)."""
+    more than DISAGREEMENT and by more than NOISE_SE combined standard errors (sampled points
+    differ by chance on small samples). Points that pass the first test but not the second
+    are appended to `within_noise`."""
 
     def greedy(backend):
         ev = inputs.eval_files.get(backend) or {}
-        return {(p["benchmark"], p["k"]): p["acceptance_length"]
+        return {(p["benchmark"], p["k"]): p
                 for p in results_table.eval_points(ev) if p["temperature"] == 0}  # fmt: skip
 
     ours, theirs = greedy("transformers"), greedy("vllm")
     several = len({b for b, _ in ours}) > 1
     out = []
     for key in sorted(set(ours) & set(theirs)):
-        a, b = ours[key], theirs[key]
-        if a is not None and b is not None and abs(a - b) > DISAGREEMENT * max(a, b):
-            where = f"{key[0]} K={key[1]}" if several else f"K={key[1]}"
-            out.append(f"{where}: transformers {a:.3f} vs vLLM {b:.3f}")
+        a, b = ours[key]["acceptance_length"], theirs[key]["acceptance_length"]
+        if a is None or b is None or abs(a - b) <= DISAGREEMENT * max(a, b):
+            continue
+        where = f"{key[0]} K={key[1]}" if several else f"K={key[1]}"
+        text = f"{where}: transformers {a:.3f} vs vLLM {b:.3f}"
+        errors = [standard_error(ours[key]), standard_error(theirs[key])]
+        if None not in errors and abs(a - b) <= NOISE_SE * math.hypot(*errors):
+            if within_noise is not None:
+                within_noise.append(f"{text} (within {NOISE_SE} standard errors)")
+            continue
+        out.append(text)
     return out
 
 
@@ -122,8 +146,13 @@ def summary_section(inputs: RunInputs) -> Section:
             f"last epoch): {val[-1]['acceptance_length_estimate']:.3f}. Measured values above come "
             "from real decoding with the target."
         )
-    for d in disagreements(inputs):
+    noise: list[str] = []
+    for d in disagreements(inputs, noise):
         s.flag(f"The evaluators disagree by more than {DISAGREEMENT:.0%}: {d}.")
+    for d in noise:
+        s.note(
+            f"The evaluators differ by more than {DISAGREEMENT:.0%} on too few drafts to tell: {d}."
+        )
     return s
 
 
