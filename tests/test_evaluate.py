@@ -241,6 +241,11 @@ def test_prompt_files_round_robin_and_bad_json(tmp_path):
     b.write_text("{oops\n")
     with pytest.raises(SpeculatorsError, match="b.jsonl:1"):
         load_prompts([a, b], 3)
+    b.write_bytes('{"turns": ["caf\u00e9"]}\n'.encode("latin-1"))
+    with pytest.raises(SpeculatorsError, match="b.jsonl: not UTF-8 text"):
+        load_prompts([a, b], 3)
+    b.write_text('\ufeff{"id": "b0", "turns": ["q"]}\n', encoding="utf-8")  # a leading BOM
+    assert [s.id for s in load_prompts([a, b], 3)] == ["a0", "b0", "a1"]
 
 
 def test_long_prompts_truncated_and_counted(llama, tmp_path):
@@ -463,6 +468,10 @@ def test_sampled_evaluation_reports_no_greedy_mismatch_count(llama, prompts):
         (["--k", "0"], "--k: draft lengths must be at least 1"),
         (["--device", "bogus"], "--device: 'bogus' is not a device"),
         (["--num-prompts", "0"], "--num-prompts: must be at least 1"),
+        (["--k", "1", "1"], "--k: a draft length is given twice"),
+        (["--temperature", "nan"], "--temperature: must be finite and >= 0"),
+        (["--temperature", "inf"], "--temperature: must be finite and >= 0"),
+        (["--temperature", "-1"], "--temperature: must be finite and >= 0"),
     ],
 )
 def test_unusable_options_are_one_line_before_anything_loads(
