@@ -487,6 +487,17 @@ def test_unusable_options_are_one_line_before_anything_loads(
     assert not out.exists()
 
 
+def test_a_missing_prompt_file_stops_before_the_target_loads(tmp_path, capsys, monkeypatch):
+    draft = tmp_path / "draft"
+    draft.mkdir()
+    (draft / "config.json").write_text("{}")
+    monkeypatch.setattr(inprocess, "load_target", lambda *a: pytest.fail("target loaded"))
+    missing = tmp_path / "missing.jsonl"
+    assert _evaluate("no-such-target", draft, missing, tmp_path / "eval.json") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.jsonl: prompt file not found" in err[0]
+
+
 # ---------------------------------------------------------------- benchmarks, sweeps, no NaN
 
 
