@@ -244,12 +244,13 @@ def _cut_at_the_end(text: str, e: json.JSONDecodeError) -> bool:
     """Whether the decode error is the end of `text` arriving mid-element (a cut-off file):
     a string still open at the end (JSON strings hold no raw newline, so it runs to the end,
     whatever it holds, a `]` included), or the error at the end, or only the start of a
-    literal or of a \\u escape left there."""
+    literal, a number or a \\u escape left there."""
     rest = text[e.pos :].rstrip()
     return (
         e.msg.startswith("Unterminated string")
         or not rest
         or any(word.startswith(rest) for word in ("true", "false", "null"))
+        or re.fullmatch(r"[-+.eE0-9]+", rest) is not None  # a number cut short: 1. 1e -
         or (e.msg.startswith("Invalid \\uXXXX") and len(rest) < 6)
     )
 

@@ -117,7 +117,7 @@ def test_auto_reads_the_copy_when_the_hub_fails_and_off_never_does(
     [("[]", 0, False), ('[{"a": 1}, {"b": 2}]', 2, False), ('[{"a": 1}, {"b": 2}', 2, True),
      ('[{"a": 1},', 1, True), ('[{"a": 1}, {"b": "tw', 1, True),
      ('[{"a": 1}, {"b": "ends in ]', 1, True), ('[{"a": 1}, {"b": tr', 1, True),
-     ('[{"a": 1}, {"b": "\\u00', 1, True)],
+     ('[{"a": 1}, {"b": "\\u00', 1, True), ('[{"a": 1}, {"b": 1.', 1, True), ('[{"a": 1}, {"b": -', 1, True)],
 )  # fmt: skip
 def test_complete_json_list_counts_what_a_cut_off_list_holds(text, complete, cut):
     count, end, was_cut = assets.complete_json_list(text, "f")
