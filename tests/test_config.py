@@ -57,6 +57,10 @@ def test_defaults_are_not_shared_between_runs(default_config):
         (lambda c: c["models"]["smollm2"].update(path="/x"), "models.smollm2"),
         (lambda c: c["models"]["smollm2"].pop("gguf_file"), "models.smollm2"),
         (lambda c: c["datasets"]["chitchat"].pop("source"), "datasets.chitchat"),
+        (  # each K once, as each temperature (evaluate refuses a repeated --k)
+            lambda c: c["runs"]["smollm2-chitchat"]["evaluate"].update(k=[1, 3, 1]),
+            "runs.smollm2-chitchat.evaluate.k: [1, 3, 1] has non-unique elements",
+        ),
         (
             lambda c: c["runs"]["smollm2-chitchat"]["vocab"].update(draft_vocab_size=0),
             "runs.smollm2-chitchat.vocab.draft_vocab_size",

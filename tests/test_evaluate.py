@@ -241,6 +241,11 @@ def test_prompt_files_round_robin_and_bad_json(tmp_path):
     b.write_text("{oops\n")
     with pytest.raises(SpeculatorsError, match="b.jsonl:1"):
         load_prompts([a, b], 3)
+    b.write_bytes('{"turns": ["caf\u00e9"]}\n'.encode("latin-1"))
+    with pytest.raises(SpeculatorsError, match="b.jsonl: not UTF-8 text"):
+        load_prompts([a, b], 3)
+    b.write_text('\ufeff{"id": "b0", "turns": ["q"]}\n', encoding="utf-8")  # a leading BOM
+    assert [s.id for s in load_prompts([a, b], 3)] == ["a0", "b0", "a1"]
 
 
 def test_long_prompts_truncated_and_counted(llama, tmp_path):
@@ -463,6 +468,10 @@ def test_sampled_evaluation_reports_no_greedy_mismatch_count(llama, prompts):
         (["--k", "0"], "--k: draft lengths must be at least 1"),
         (["--device", "bogus"], "--device: 'bogus' is not a device"),
         (["--num-prompts", "0"], "--num-prompts: must be at least 1"),
+        (["--k", "1", "1"], "--k: a draft length is given twice"),
+        (["--temperature", "nan"], "--temperature: must be finite and >= 0"),
+        (["--temperature", "inf"], "--temperature: must be finite and >= 0"),
+        (["--temperature", "-1"], "--temperature: must be finite and >= 0"),
     ],
 )
 def test_unusable_options_are_one_line_before_anything_loads(
@@ -476,6 +485,17 @@ def test_unusable_options_are_one_line_before_anything_loads(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and problem in err[0]
     assert not out.exists()
+
+
+def test_a_missing_prompt_file_stops_before_the_target_loads(tmp_path, capsys, monkeypatch):
+    draft = tmp_path / "draft"
+    draft.mkdir()
+    (draft / "config.json").write_text("{}")
+    monkeypatch.setattr(inprocess, "load_target", lambda *a: pytest.fail("target loaded"))
+    missing = tmp_path / "missing.jsonl"
+    assert _evaluate("no-such-target", draft, missing, tmp_path / "eval.json") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.jsonl: prompt file not found" in err[0]
 
 
 # ---------------------------------------------------------------- benchmarks, sweeps, no NaN

@@ -490,6 +490,10 @@ def test_malformed_data_config_is_one_line_in_verify_and_trainer(finished, capsy
     [
         (lambda c: c.update(aux_layer_ids=[1]), "aux_layer_ids [1] != layer_ids[:-1] [1, 2, 3]"),
         (lambda c: c["data"].update(num_samples=3), "data.num_samples 3 != 4 sample_lengths"),
+        (
+            lambda c: c["manifest"].update(sha256=123),
+            "manifest.sha256 is not a sha256 hex digest: 123",
+        ),
     ],
 )
 def test_data_config_that_contradicts_itself_is_refused(finished, capsys, change, problem):

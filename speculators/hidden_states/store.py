@@ -769,6 +769,11 @@ def _check_structure(path: Path, config: dict) -> None:
     for name in ("integrity", "manifest"):
         if name in config and not isinstance(config[name], dict):
             raise SpeculatorsError(path, f"{name} is not an object")
+    sha = config.get("manifest", {}).get("sha256")
+    if sha is not None and not (
+        isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)
+    ):
+        raise SpeculatorsError(path, f"manifest.sha256 is not a sha256 hex digest: {str(sha)[:80]}")
     rms = config.get("integrity", {}).get("layer_token_rms")
     if rms is not None and not (
         isinstance(rms, dict)

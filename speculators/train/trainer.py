@@ -250,7 +250,16 @@ def open_data(args, target: Path, tcfg: dict) -> TrainingData:
             args.data, target, layer_ids=args.layer_ids, dtype=args.hidden_states_dtype,
             batch_tokens=args.batch_tokens, **dims,
         )  # fmt: skip
-    return HiddenStatesData.open(args.data, verify_hashes=args.verify_hashes, **dims)
+    data = HiddenStatesData.open(args.data, verify_hashes=args.verify_hashes, **dims)
+    if args.layer_ids is not None and list(args.layer_ids) != list(data.layer_ids):
+        # Offline the folders' captured layers are the draft's; other ids would be ignored.
+        raise SpeculatorsError(
+            "--layer-ids",
+            f"{list(args.layer_ids)} differ from the layer ids {list(data.layer_ids)} captured"
+            " in --data; offline training uses the captured ones (drop --layer-ids, or train"
+            " with --hidden-states-mode online)",
+        )
+    return data
 
 
 def autocast(env, precision: str = "auto"):
