@@ -238,7 +238,7 @@ def check_files(folder: Path, num_samples: int, hashes: bool, cfg: dict | None =
     stray = stray_files(folder, num_samples)
     if stray:
         log.warning(
-            "%s: %d data_*.pt files beyond the %d samples of %s are not read (%s%s)",
+            "%s: %d data_*.pt files not among the %d samples of %s are not read (%s%s)",
             folder,
             len(stray),
             num_samples,
