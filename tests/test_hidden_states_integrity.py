@@ -583,4 +583,6 @@ def test_stray_sample_files_fail_verify_and_are_named_by_the_trainer(finished, c
     with caplog.at_level("WARNING"):
         data = _train_open(finished)
     assert [s.path.name for s in data.samples] == [f"data_{i}.pt" for i in range(4)]
-    assert "2 data_*.pt files not among the 4 samples of data_config.json are not read" in caplog.text
+    assert (
+        "2 data_*.pt files not among the 4 samples of data_config.json are not read" in caplog.text
+    )
